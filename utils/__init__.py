@@ -1,0 +1,1 @@
+"""Shared code of the FinQA RL pipeline: one module per concern."""
