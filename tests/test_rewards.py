@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from utils.rewards import (RewardSpec, answer_matches, extract_numbers, extract_response, load_spec,
+from utils.rewards import (RewardSpec, answer_matches, extract_numbers, extract_response, load_spec, step_overlap,
                            numeric_close, program_match, score, spec_to_yaml, trl_reward_functions)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,7 @@ def test_program_match():
     assert program_match("divide(114400, 329500)", "divide(114400, 329500)") == 1.0
     assert program_match("add(2, 3)", "add(3, 2)") == 1.0                            # equivalent
     assert program_match("subtract(5, 3), divide(#0, 2)", "subtract(5, 3), divide(#0, 3)") == 0.5
+    assert step_overlap("add(2, 3)", "add(3, 2)") == 0.0                               # steps differ as text
     assert program_match("subtract(5, 3)", "subtract(5, 3), divide(#0, 3)") == 0.5  # over the longer
     assert program_match("garbage", "add(2, 3)") == 0.0
     assert program_match(None, "add(2, 3)") == 0.0
@@ -138,3 +139,10 @@ def test_build_rewards_script_fails_on_a_wrong_spec_value(tmp_path):
     run = subprocess.run([sys.executable, "02_build_rewards.py", "--output_dir", str(tmp_path),
                           "--set", "exact=oops"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "exact must be float" in run.stderr
+
+
+def test_program_equivalence_is_not_step_overlap():
+    # same steps in another order: every step is shared, but the final expression differs
+    gold = {**GOLD, "target_program": "add(3, 4), add(1, 2)", "exe_ans": 3.0}
+    result = score('{"program": "add(1, 2), add(3, 4)", "answer": "7"}', gold)
+    assert result.program_match == 1.0 and not result.program_equivalent

@@ -223,21 +223,27 @@ def numeric_close(value, exe_ans, rel_tol: float = 0.05, percent_scale_aware: bo
     return any(abs(c - gold) <= rel_tol * abs(gold) for c in candidates if math.isfinite(c))
 
 
-def program_match(program: str | None, gold_program: str | None) -> float:
-    """Partial credit in [0, 1]: 1.0 if symbolically equivalent (official program accuracy),
-    else the fraction of steps shared (as a multiset) over the longer of the two programs.
+def step_overlap(program: str | None, gold_program: str | None) -> float:
+    """Fraction of steps shared (as a multiset) over the longer of the two programs.
 
-    Example: program_match("subtract(5, 3), divide(#0, 2)", "subtract(5, 3), divide(#0, 3)") -> 0.5
+    Example: step_overlap("subtract(5, 3), divide(#0, 2)", "subtract(5, 3), divide(#0, 3)") -> 0.5
     """
-    if not isinstance(program, str) or not isinstance(gold_program, str):
-        return 0.0
-    if equivalent(program, gold_program):
-        return 1.0
     predicted, gold = program_steps(program), program_steps(gold_program)
     if not predicted or not gold:
         return 0.0
     shared = sum((Counter(predicted) & Counter(gold)).values())
     return shared / max(len(predicted), len(gold))
+
+
+def program_match(program: str | None, gold_program: str | None) -> float:
+    """Partial credit in [0, 1]: 1.0 if symbolically equivalent (official program accuracy),
+    else `step_overlap`.
+
+    Example: program_match("add(2, 3)", "add(3, 2)") -> 1.0
+    """
+    if not isinstance(program, str) or not isinstance(gold_program, str):
+        return 0.0
+    return 1.0 if equivalent(program, gold_program) else step_overlap(program, gold_program)
 
 
 # --- score ---------------------------------------------------------------------------------
@@ -270,7 +276,10 @@ def score(completion_text: str, example: dict, spec: RewardSpec = RewardSpec()) 
     exact_hit = exec_ok or (not program_valid and answer_ok)
     value = executed if program_valid else next(iter(extract_numbers(answer)), None)
     close = not exact_hit and numeric_close(value, gold, spec.numeric_rel_tol, spec.percent_scale_aware)
-    match = program_match(program, example.get("target_program"))
+    gold_program = example.get("target_program")
+    program_equivalent = (isinstance(program, str) and isinstance(gold_program, str)
+                          and equivalent(program, gold_program))
+    match = 1.0 if program_equivalent else step_overlap(program, gold_program)
     format_valid = strict and program_steps(program) is not None
 
     if exact_hit:
@@ -286,7 +295,7 @@ def score(completion_text: str, example: dict, spec: RewardSpec = RewardSpec()) 
     return RewardResult(
         total=float(sum(components.values())), **{k: float(v) for k, v in components.items()},
         format_valid=format_valid, exact_match=exact_hit, program_valid=program_valid, exec_correct=exec_ok,
-        answer_correct=answer_ok, numeric_close=close, program_equivalent=match == 1.0,
+        answer_correct=answer_ok, numeric_close=close, program_equivalent=program_equivalent,
         program_match=match, predicted_program=program, predicted_answer=answer,
         executed_value=executed, category=category)
 
