@@ -1,0 +1,205 @@
+"""utils.runs: manifest lifecycle, hashing, atomic writes, seeding and run folders."""
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import platform
+import random
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from utils import runs
+from utils.runs import Manifest
+
+MANIFEST_FIELDS = ["module", "status", "started_at", "finished_at", "duration_s", "command", "args",
+                   "config", "seed", "git", "versions", "device", "inputs", "outputs", "metrics"]
+
+
+def read_manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+# --- manifest ---
+def test_manifest_lifecycle(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"id": 1}\n')
+    config = {"training": {"seed": 42}}
+    with Manifest(tmp_path, "03_sft", {"run_id": "run_001"}, config, seed=7) as manifest:
+        during = read_manifest(tmp_path)
+        manifest.add_input("train", data)
+        manifest.add_output("final", tmp_path / "ckpt_sft" / "final")
+        manifest.metrics["exec_acc"] = 0.5
+    after = read_manifest(tmp_path)
+
+    assert during["status"] == "running"
+    assert during["finished_at"] is None and during["duration_s"] is None
+    assert list(after) == MANIFEST_FIELDS  # exactly DESIGN.md's fields, in its order, no error
+    assert after["status"] == "complete"
+    assert after["module"] == "03_sft" and after["seed"] == 7 and after["config"] == config
+    assert after["args"] == {"run_id": "run_001"}
+    digest = hashlib.sha256(b'{"id": 1}\n').hexdigest()
+    assert after["inputs"] == {"train": {"path": str(data), "sha256": digest}}
+    assert after["outputs"] == {"final": str(tmp_path / "ckpt_sft" / "final")}
+    assert after["metrics"] == {"exec_acc": 0.5}
+    started = datetime.fromisoformat(after["started_at"])
+    finished = datetime.fromisoformat(after["finished_at"])
+    assert started.utcoffset() == timedelta(0) and finished >= started
+    assert after["duration_s"] >= 0
+    assert set(after["versions"]) == {"python", "torch", "transformers", "trl", "peft", "accelerate"}
+    assert after["versions"]["python"] == platform.python_version()
+    assert after["versions"]["torch"] == importlib.metadata.version("torch")  # read without importing torch
+    assert set(after["git"]) == {"commit", "dirty"}
+    assert after["device"] == "cpu" or after["device"].startswith(("cuda:", "mps"))
+    assert isinstance(after["command"], str) and after["command"]
+
+
+def test_manifest_failure_records_error_and_reraises(tmp_path):
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with Manifest(tmp_path, "05_ppo"):
+            raise RuntimeError("out of memory")
+    manifest = read_manifest(tmp_path)
+    assert manifest["status"] == "failed"
+    assert manifest["error"] == "RuntimeError: out of memory"
+    assert manifest["finished_at"] is not None
+
+
+def test_manifest_accepts_namespace_and_takes_seed_from_config(tmp_path):
+    args = argparse.Namespace(run_id="run_002", output_dir=tmp_path)
+    with Manifest(tmp_path, "04_candidates", args, {"training": {"seed": 13}}):
+        pass
+    manifest = read_manifest(tmp_path)
+    assert manifest["args"] == {"run_id": "run_002", "output_dir": str(tmp_path)}  # Path written as text
+    assert manifest["seed"] == 13
+
+
+def test_manifest_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input 'policy'"):
+        with Manifest(tmp_path, "10_evaluation") as manifest:
+            manifest.add_input("policy", tmp_path / "missing")
+    assert read_manifest(tmp_path)["status"] == "failed"
+
+
+def test_manifest_write_mid_run_records_metrics(tmp_path):
+    with Manifest(tmp_path, "06_grpo") as manifest:
+        manifest.metrics["reward_mean"] = 0.25
+        manifest.write()
+        during = read_manifest(tmp_path)
+    assert during["status"] == "running" and during["metrics"] == {"reward_mean": 0.25}
+
+
+# --- hashing ---
+def test_sha256_of_known_content(tmp_path):
+    path = tmp_path / "abc.txt"
+    path.write_bytes(b"abc")
+    # the FIPS 180-2 example digest of "abc"
+    assert runs.sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_sha256_streams_in_chunks_like_hashlib(tmp_path):
+    data = bytes(range(256)) * 4099  # not a multiple of the chunk size
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert runs.sha256_file(path, chunk_size=1000) == hashlib.sha256(data).hexdigest()
+    assert runs.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_of_folder_depends_on_names_and_contents(tmp_path):
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"1")
+    (folder / "sub" / "b.bin").write_bytes(b"2")
+    first = runs.sha256_path(folder)
+    assert runs.sha256_path(folder) == first                     # stable
+    (folder / "a.bin").write_bytes(b"3")
+    changed = runs.sha256_path(folder)
+    assert changed != first                                      # content matters
+    (folder / "a.bin").rename(folder / "c.bin")
+    assert runs.sha256_path(folder) != changed                   # names matter
+
+
+# --- atomic writes ---
+def test_atomic_writes_leave_no_temp_files(tmp_path):
+    runs.atomic_write_json(tmp_path / "a.json", {"x": 1})
+    runs.atomic_write_jsonl(tmp_path / "b.jsonl", [{"i": 0}, {"i": 1}])
+    runs.atomic_write_text(tmp_path / "c.txt", "hello\n")
+    runs.atomic_write_json(tmp_path / "a.json", {"x": 2})  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl", "c.txt"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert runs.read_jsonl(tmp_path / "b.jsonl") == [{"i": 0}, {"i": 1}]
+
+
+def test_failed_atomic_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    runs.atomic_write_json(target, {"old": True})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        runs.atomic_write_json(target, {"new": True})
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    assert json.loads(target.read_text()) == {"old": True}
+
+
+def test_atomic_write_creates_parent_folders(tmp_path):
+    runs.atomic_write_text(tmp_path / "a" / "b" / "c.txt", "x")
+    assert (tmp_path / "a" / "b" / "c.txt").read_text() == "x"
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl: line 3: invalid JSON"):
+        runs.read_jsonl(path)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        runs.read_jsonl(tmp_path / "missing.jsonl")
+
+
+# --- seeding ---
+def draws():
+    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
+
+
+def test_seed_everything_repeats_draws():
+    runs.seed_everything(123)
+    first = draws()
+    runs.seed_everything(123)
+    assert draws() == first
+    runs.seed_everything(124)
+    assert draws() != first
+
+
+# --- folders ---
+@pytest.mark.parametrize("bad", [
+    "run 001",    # space
+    "../escape",  # path traversal
+    "a/b",        # nested folder
+    "run.1",      # dot
+    "",           # empty
+])
+def test_bad_run_id_is_refused(bad, tmp_path):
+    with pytest.raises(ValueError, match="letters, digits"):
+        runs.module_dir(bad, "03_sft", tmp_path / "out")
+
+
+def test_module_dir_default_and_override(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = runs.module_dir("ablation-3_b", "03_sft")
+    assert folder == tmp_path.joinpath("outputs", "ablation-3_b", "03_sft").relative_to(tmp_path)
+    assert folder.is_dir()
+    custom = runs.module_dir("run_001", "03_sft", tmp_path / "elsewhere")
+    assert custom == tmp_path / "elsewhere" and custom.is_dir()
+
+
+def test_git_info_outside_a_checkout(tmp_path, repo_root):
+    assert runs.git_info(tmp_path) == {"commit": None, "dirty": None}
+    info = runs.git_info(repo_root)
+    assert len(info["commit"]) == 40 and isinstance(info["dirty"], bool)
+
+
+def test_timestamp_is_utc_iso():
+    assert datetime.fromisoformat(runs.timestamp()).utcoffset() == timedelta(0)

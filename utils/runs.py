@@ -1,0 +1,292 @@
+"""Run folders, manifests, atomic writes, hashing and seeding.
+
+    folder = module_dir(args.run_id, "03_sft", args.output_dir)   # outputs/run_001/03_sft/
+    with Manifest(folder, "03_sft", vars(args), cfg, seed=cfg["training"]["seed"]) as manifest:
+        manifest.add_input("train", "datasets/finqa_processed/train.jsonl")
+        ...
+        manifest.add_output("final", folder / "ckpt_sft" / "final")
+        manifest.metrics["exec_acc"] = 0.41
+
+manifest.json is written when the block starts (status "running") and when it ends ("complete",
+or "failed" with the error, which then propagates). Every write goes to a temporary file in the
+same folder and is renamed over the target, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate")
+
+
+# --- folders ---
+def timestamp() -> str:
+    """Now, as ISO-8601 UTC (e.g. 2025-11-25T02:40:00+00:00)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return run_id, or raise ValueError if it cannot safely name a folder."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError(f"--run_id {run_id!r}: use only letters, digits, '_' and '-' "
+                         f"(it names the folder outputs/<run_id>/), e.g. run_001")
+    return run_id
+
+
+def module_dir(run_id: str, module: str, output_dir: str | Path | None = None,
+               root: str | Path = "outputs") -> Path:
+    """The module's output folder, created: output_dir if given, else <root>/<run_id>/<module>.
+
+    root is relative to the working directory (scripts run from the repo root); pass
+    cfg["paths"]["output_root"] to follow the config.
+    """
+    validate_run_id(run_id)
+    folder = Path(output_dir) if output_dir else Path(root) / run_id / module
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# --- files ---
+def _json_default(obj):
+    """JSON for the few non-JSON values that reach manifests: paths, numpy/torch scalars, sets."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable: {obj!r}")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text to path via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    """Write obj as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows) -> Path:
+    """Write one JSON object per line, atomically."""
+    lines = [json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows]
+    return atomic_write_text(path, "".join(lines))
+
+
+def read_json(path: str | Path):
+    """Read a JSON file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file (blank lines skipped); errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg}); "
+                                 f"the file may be truncated, rerun the script that writes it") from None
+    return rows
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks (model files do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """SHA-256 of a file, or of a folder: over its files' relative paths and digests, sorted
+    (so a checkpoint folder gets one stable fingerprint)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+# --- seeding ---
+def seed_everything(seed: int) -> None:
+    """Seed Python's random, numpy and torch (CPU and every GPU); torch imported only if installed."""
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# --- environment ---
+def git_info(repo: str | Path = REPO_ROOT) -> dict:
+    """{"commit": sha or None, "dirty": bool or None}; None when git or the checkout is missing."""
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit.strip() if commit else None,
+            "dirty": bool(status.strip()) if status is not None else None}
+
+
+def package_versions() -> dict:
+    """Installed versions of python and the training stack (None when a package is absent)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_name() -> str:
+    """'cuda:<GPU name>' (x N when several), 'mps' or 'cpu'. Looks only at a torch the module
+    already imported: a module that never imported torch ran on the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return "cpu"
+    try:
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            return f"cuda:{torch.cuda.get_device_name(0)}" + (f" x{count}" if count > 1 else "")
+        if torch.backends.mps.is_available():
+            return "mps"
+    except Exception:  # a broken driver must not stop a run from recording itself
+        pass
+    return "cpu"
+
+
+# --- manifest ---
+class Manifest:
+    """manifest.json of one module run; a context manager (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, module: str, args=None, config: dict | None = None,
+                 seed: int | None = None):
+        self.folder = Path(folder)
+        self.path = self.folder / "manifest.json"
+        self.module = module
+        self.args = dict(vars(args) if isinstance(args, argparse.Namespace) else args or {})
+        self.config = config
+        if seed is None and config:
+            seed = (config.get("training") or {}).get("seed")
+        self.seed = seed
+        self.inputs: dict[str, dict] = {}
+        self.outputs: dict[str, str] = {}
+        self.metrics: dict = {}
+        self.status = "running"
+        self.started_at = self.finished_at = self.duration_s = self.error = None
+        self._t0 = None
+        self._git = self._versions = None
+
+    def add_input(self, name: str, path: str | Path) -> str:
+        """Record an input file or folder with its sha256; returns the digest."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"input {name!r}: {path} does not exist")
+        digest = sha256_path(path)
+        self.inputs[name] = {"path": str(path), "sha256": digest}
+        return digest
+
+    def add_output(self, name: str, path: str | Path) -> None:
+        self.outputs[name] = str(path)
+
+    def to_dict(self) -> dict:
+        data = {
+            "module": self.module,
+            "status": self.status,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_s": self.duration_s,
+            "command": shlex.join(sys.argv),
+            "args": self.args,
+            "config": self.config,
+            "seed": self.seed,
+            "git": self._git,
+            "versions": self._versions,
+            "device": device_name(),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+        }
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+    def write(self) -> Path:
+        """Write manifest.json now (e.g. to record metrics mid-run)."""
+        return atomic_write_json(self.path, self.to_dict())
+
+    def __enter__(self) -> "Manifest":
+        self.started_at, self._t0 = timestamp(), time.monotonic()
+        self._git, self._versions = git_info(), package_versions()
+        self.status = "running"
+        self.write()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.finished_at = timestamp()
+        self.duration_s = round(time.monotonic() - self._t0, 3)
+        if exc_type is None:
+            self.status = "complete"
+        else:
+            self.status = "failed"
+            self.error = f"{exc_type.__name__}: {exc}"
+        self.write()
+        return False  # never swallow the exception
