@@ -1,0 +1,299 @@
+"""Evaluate a policy on FinQA: greedy generation, official execution/program accuracy, rewards.
+
+    python 10_evaluate.py                                        # zero-shot base model -> 10_evaluation/base/
+    python 10_evaluate.py --policy_ckpt outputs/run_001/03_sft   # its ckpt_sft/best -> 10_evaluation/sft/
+    python 10_evaluate.py --policy_ckpt outputs/run_001/06_grpo/ckpt_grpo/final --split val
+    python 10_evaluate.py --predictions my_preds.json --policy_name finqanet   # score outside predictions
+    python 10_evaluate.py --quick_test                           # 16 examples, a smoke run
+
+--policy_ckpt: a checkpoint folder (LoRA adapter or full model), or a ckpt_<method> or module folder
+(03_sft, 06_grpo) whose ckpt_*/best is used. --predictions scores completions made elsewhere, with no
+model: JSONL of {"id", "completion"}, or FinQA's official format, a JSON list (or JSONL) of {"id",
+"predicted": [program tokens..., "EOF"]}, whose exec_acc/prog_acc are computed on the tokens exactly as
+the official evaluate.py does. Examples without a prediction count as wrong (the official scorer
+divides by the number of predictions: compare n_predictions). Writes metrics.json (names: utils/metrics.py),
+breakdown.csv, samples/predictions.jsonl and manifest.json to outputs/<run_id>/10_evaluation/<policy_name>/.
+Same checkpoint, data and seed -> same metrics.json, except wall_time_s and tokens_per_s.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from utils import config as config_lib
+from utils import runs
+from utils.metrics import aggregate, failure_counts, format_table, score_official
+from utils.rewards import COMPONENTS, RewardSpec, load_spec, score, spec_to_yaml
+
+MODULE = "10_evaluation"
+QUICK_TEST_EXAMPLES = 16
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+FACTS = ("exec_correct", "program_equivalent", "answer_correct", "numeric_close", "format_valid", "program_valid")
+
+
+class EvalError(Exception):
+    """An input is missing or unusable; the message names it and the fix."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_lib.add_common_args(parser)
+    helps = {"batch_size": "prompts per generation batch (default: the config's generation.batch_size)",
+             "output_dir": "write here instead of outputs/<run_id>/10_evaluation/<policy_name>/"}
+    for action in parser._actions:  # here --batch_size is the generation batch, not training's
+        action.help = helps.get(action.dest, action.help)
+    add = parser.add_argument
+    add("--policy_ckpt", help="checkpoint, ckpt_<method> or module folder (its ckpt_*/best); omitted: base model")
+    add("--split", choices=("train", "val", "test"), default="test")
+    add("--test_jsonl", help="a processed JSONL to evaluate (overrides --split)")
+    add("--data_dir", help="processed data folder (default: the config's paths.data_dir)")
+    add("--reward_spec", help="default: outputs/<run_id>/02_rewards/reward_spec.yaml if present, else RewardSpec()")
+    add("--policy_name", help="folder under 10_evaluation/ (default: base, the checkpoint's method, predictions stem)")
+    add("--max_examples", type=int, help="evaluate the first N examples only")
+    add("--max_new_tokens", type=int, help="generation budget (default: the config's generation.max_new_tokens)")
+    add("--quick_test", action="store_true", help=f"only the first {QUICK_TEST_EXAMPLES} examples")
+    add("--predictions", help="score this predictions file instead of generating (see above)")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples for the *_ci95 (0 = none)")
+    return parser.parse_known_args(argv)
+
+
+# --- inputs ---
+
+def is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def resolve_checkpoint(given: str) -> Path:
+    """The checkpoint behind --policy_ckpt: the folder itself, its best/, or its one ckpt_*/best."""
+    path = Path(given)
+    found = [p for p in (path, path / "best", *sorted(path.glob("ckpt_*/best"))) if is_model_folder(p)]
+    if len(found) == 1 or (found and found[0] == path):
+        return found[0]
+    if found:
+        raise EvalError(f"--policy_ckpt {path}: several checkpoints inside ({', '.join(map(str, found))}): pass one")
+    where = path if path.is_dir() else path.parent
+    held = (", ".join(sorted(p.name for p in where.iterdir())[:20]) or "nothing") if where.is_dir() else "(absent too)"
+    problem = ("not a checkpoint (no config.json or adapter_config.json) and no ckpt_*/best inside"
+               if path.exists() else "no such folder")
+    raise EvalError(f"--policy_ckpt {path}: {problem}; {where} holds: {held}")
+
+
+def derive_policy_name(checkpoint: Path) -> str:
+    """ckpt_sft/best -> sft, ckpt_grpo/step_50 -> grpo_step_50, 03_sft/x -> sft, else the folder name."""
+    parts = checkpoint.parts
+    for index in range(len(parts) - 1, -1, -1):
+        if parts[index].startswith("ckpt_") and len(parts[index]) > 5:
+            rest = [p for p in parts[index + 1:] if p != "best"]
+            return "_".join([parts[index][5:], *rest])
+    modules = [match.group(1) for match in map(re.compile(r"\d\d_(\w+)").fullmatch, parts) if match]
+    return modules[-1] if modules else checkpoint.resolve().name
+
+
+def load_examples(path: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
+    """(evaluated examples, all examples) of a processed JSONL."""
+    if not path.is_file():
+        raise EvalError(f"data file {path} not found: run `python 01_prepare_dataset.py` (writes "
+                        f"{path.parent}/{{train,val,test}}.jsonl), or pass --test_jsonl FILE")
+    try:
+        examples = runs.read_jsonl(path)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+    if not examples:
+        raise EvalError(f"data file {path} holds no examples: rerun `python 01_prepare_dataset.py`")
+    return (examples[:limit] if limit is not None else examples), examples
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Rows of a predictions file (JSON list or JSONL); errors name the file and line/entry."""
+    if not path.is_file():
+        raise EvalError(f"--predictions {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    hint = 'expected {"id", "completion": text} or {"id", "predicted": [tokens..., "EOF"]}'
+    whole = text.lstrip().startswith("[")  # the official format is one JSON list
+    pieces = [(1, text)] if whole else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    located = []
+    for lineno, piece in pieces:
+        try:
+            value = json.loads(piece)
+        except json.JSONDecodeError as error:
+            raise EvalError(f"{path}: line {lineno + error.lineno - 1}: invalid JSON ({error.msg}); {hint}") from None
+        located += [(f"entry {i}", row) for i, row in enumerate(value)] if whole else [(f"line {lineno}", value)]
+    seen = set()
+    for where, row in located:
+        tokens = row.get("predicted") if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and "id" in row and (isinstance(row.get("completion"), str) or (
+                isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)))):
+            raise EvalError(f"{path}: {where}: {hint}, got {json.dumps(row)[:120]}")
+        if str(row["id"]) in seen:
+            raise EvalError(f"{path}: {where}: id {row['id']!r} appears twice")
+        seen.add(str(row["id"]))
+    return [row for _, row in located]
+
+
+# --- scoring ---
+
+def score_predictions(examples, all_examples, predictions, spec, path):
+    """(results, sample rows, n_predictions, n_missing) for predictions made elsewhere."""
+    by_id = {str(row["id"]): row for row in predictions}
+    known = {str(example.get("id")) for example in all_examples}
+    if unknown := [i for i in by_id if i not in known]:
+        raise EvalError(f"{path}: {len(unknown)} prediction ids are not in the data (wrong --split or "
+                        f"--test_jsonl?), e.g. {unknown[:5]}")
+    results, rows = [], []
+    for example in examples:
+        prediction = by_id.get(str(example.get("id")))
+        tokens = prediction.get("predicted") if prediction else None
+        if tokens is not None:  # official format: exec_acc/prog_acc on the token list itself
+            completion, result = score_official(tokens, example, spec)
+        else:
+            completion = prediction["completion"] if prediction else ""
+            result = score(completion, example, spec)
+        results.append(result)
+        rows.append(sample_row(example, completion, None, result, predicted=tokens, missing=prediction is None))
+    matched = sum(str(example.get("id")) in by_id for example in examples)
+    return results, rows, matched, len(examples) - matched
+
+
+def generate_completions(cfg, checkpoint, examples, args, seed):
+    """(completions, num_tokens, wall_time_s, dtype, device) from greedy decoding."""
+    from utils.generation import NonFiniteLogitsError, generate
+    from utils.modeling import ModelLoadError, load_model, load_tokenizer
+
+    if missing := [str(e.get("id")) for e in examples if not isinstance(e.get("prompt"), list)]:
+        raise EvalError(f"examples without a chat 'prompt', e.g. {missing[:3]}: rerun `python 01_prepare_dataset.py`")
+    reference = str(checkpoint) if checkpoint else cfg
+    try:
+        model = load_model(reference, dtype=cfg["model"]["dtype"])
+        tokenizer = load_tokenizer(reference)
+    except ModelLoadError as error:
+        raise EvalError(str(error)) from None
+    runs.seed_everything(seed)
+    started = time.perf_counter()
+    try:
+        outputs = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, do_sample=False, seed=seed, desc="evaluating",
+                           checkpoint=str(checkpoint) if checkpoint else cfg["model"]["name_or_path"])
+    except (NonFiniteLogitsError, ValueError) as error:
+        raise EvalError(str(error)) from None
+    wall, weight = time.perf_counter() - started, next(model.parameters())
+    return ([o["completions"][0] for o in outputs], [o["num_tokens"][0] for o in outputs], wall,
+            str(weight.dtype).replace("torch.", ""), str(weight.device))
+
+
+def sample_row(example, completion, num_tokens, result, predicted=None, missing=False) -> dict:
+    return {"id": example.get("id"), "question": example.get("question"), "completion": completion,
+            "num_tokens": num_tokens, "reward": result.total,
+            "reward_components": {c: getattr(result, c) for c in COMPONENTS}, "category": result.category,
+            **({"predicted": predicted} if predicted is not None else {}),
+            **({"missing_prediction": True} if missing else {})}
+
+
+def breakdown_csv(examples, results) -> str:
+    """One row per example: what was predicted, what it executed to, the gold, each fact."""
+    rows = [{"id": e.get("id"), "predicted_program": r.predicted_program, "executed_value": r.executed_value,
+             "gold_program": e.get("target_program"), "exe_ans": e.get("exe_ans"),
+             **{fact: getattr(r, fact) for fact in FACTS}, "reward": r.total, "category": r.category}
+            for e, r in zip(examples, results)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# --- main ---
+
+def main(args, extra_tokens=()) -> int:
+    try:
+        # --batch_size is the generation batch here: keep it out of training.per_device_train_batch_size
+        cfg = config_lib.from_args(argparse.Namespace(**{**vars(args), "batch_size": None}), extra_tokens)
+        return evaluate(args, cfg)
+    except (EvalError, config_lib.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def evaluate(args, cfg) -> int:
+    seed, paths = cfg["training"]["seed"], cfg["paths"]
+    args.batch_size = args.batch_size or cfg["generation"]["batch_size"]
+    args.max_new_tokens = args.max_new_tokens or cfg["generation"]["max_new_tokens"]
+    if args.max_examples is not None and args.max_examples < 1:
+        raise EvalError(f"--max_examples must be at least 1, got {args.max_examples}")
+    limit = min(args.max_examples or 10**9, QUICK_TEST_EXAMPLES if args.quick_test else 10**9)
+
+    # --- inputs ---
+    data_file = Path(args.test_jsonl or Path(args.data_dir or paths["data_dir"]) / f"{args.split}.jsonl")
+    examples, all_examples = load_examples(data_file, limit)
+    predictions_path = Path(args.predictions) if args.predictions else None
+    if args.policy_ckpt and predictions_path:
+        raise EvalError("--policy_ckpt and --predictions exclude each other: predictions need no model")
+    predictions = read_predictions(predictions_path) if predictions_path else None
+    checkpoint = resolve_checkpoint(args.policy_ckpt) if args.policy_ckpt else None
+    default_spec = Path(paths["output_root"]) / args.run_id / "02_rewards" / "reward_spec.yaml"
+    spec_path = Path(args.reward_spec) if args.reward_spec else (default_spec if default_spec.is_file() else None)
+    try:
+        spec = load_spec(spec_path) if spec_path else RewardSpec()
+    except (FileNotFoundError, ValueError) as error:
+        raise EvalError(str(error)) from None
+    spec_sha = runs.sha256_file(spec_path) if spec_path else hashlib.sha256(spec_to_yaml(spec).encode()).hexdigest()
+    policy_name = args.policy_name or (predictions_path.stem if predictions_path else
+                                       derive_policy_name(checkpoint) if checkpoint else "base")
+    if not NAME_PATTERN.fullmatch(policy_name) or set(policy_name) == {"."}:
+        raise EvalError(f"--policy_name {policy_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    folder = runs.module_dir(args.run_id, f"{MODULE}/{policy_name}", args.output_dir, paths["output_root"])
+
+    with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
+        for name, path in (("data", data_file), ("predictions", predictions_path), ("checkpoint", checkpoint),
+                           ("reward_spec", spec_path)):
+            if path:
+                manifest.add_input(name, path)
+        print(f"evaluating {policy_name} on {len(examples)} examples of {data_file}")
+        info = dict.fromkeys(("n_predictions", "n_missing_predictions", "dtype", "device"))
+        tokens_generated = wall = None
+        # --- score ---
+        if predictions_path:
+            results, rows, matched, missing = score_predictions(examples, all_examples, predictions, spec,
+                                                                predictions_path)
+            info.update(n_predictions=matched, n_missing_predictions=missing)
+            if missing:
+                print(f"warning: {missing} of {len(examples)} examples have no prediction and count as wrong "
+                      f"({matched} predictions matched)", file=sys.stderr)
+        else:
+            completions, num_tokens, wall, info["dtype"], info["device"] = generate_completions(
+                cfg, checkpoint, examples, args, seed)
+            tokens_generated = sum(num_tokens)
+            results = [score(text, example, spec) for text, example in zip(completions, examples)]
+            rows = [sample_row(e, t, n, r) for e, t, n, r in zip(examples, completions, num_tokens, results)]
+
+        # --- write ---
+        metrics = {"policy_name": policy_name, "mode": "predictions" if predictions_path else "greedy",
+                   "checkpoint": str(checkpoint) if checkpoint else None,
+                   "model": None if predictions_path else str(checkpoint or cfg["model"]["name_or_path"]),
+                   "split": None if args.test_jsonl else args.split, "data_file": str(data_file),
+                   "data_sha256": manifest.inputs["data"]["sha256"], "reward_spec": str(spec_path or "defaults"),
+                   "reward_spec_sha256": spec_sha, "seed": seed, "bootstrap_resamples": args.bootstrap,
+                   "max_new_tokens": None if predictions_path else args.max_new_tokens, **info,
+                   **aggregate(results, tokens_generated, wall, seed=seed, n_resamples=args.bootstrap),
+                   "failure_counts": failure_counts(results)}
+        manifest.add_output("metrics", runs.atomic_write_json(folder / "metrics.json", metrics))
+        manifest.add_output("breakdown", runs.atomic_write_text(folder / "breakdown.csv",
+                                                                breakdown_csv(examples, results)))
+        manifest.add_output("predictions", runs.atomic_write_jsonl(folder / "samples" / "predictions.jsonl", rows))
+        manifest.metrics.update(metrics)
+
+    print("\n" + format_table(metrics))
+    speed = f", {metrics['tokens_per_s']:.1f} tokens/s" if metrics["tokens_per_s"] else ""
+    print(f"n_examples {metrics['n_examples']}{speed}; categories {metrics['failure_counts']}\nwrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    args, extra = parse_args()
+    sys.exit(main(args, extra))
