@@ -1,0 +1,271 @@
+"""11_compare_runs.py and utils/comparison.py: paired statistics by hand, and the script on fixture policies.
+
+Fixtures (tests/fixtures/compare/run_cmp, 30 test items cmp-00..cmp-29):
+    base        right on items 0-1                      (2/30)
+    sft         right on items 0-9                      (10/30), trained in 03_sft (seed 42, 1800 s, cpu)
+    grpo_seed1  right on items 2-21: b=12, c=2 vs sft   (20/30), 06_grpo_seed1 (3600 s on 2 GPUs)
+    grpo-s2     right on items 0-7, 10-17: b=8, c=2     (16/30), 06_grpo_seed2 (5400 s, cpu)
+Checkpoint paths in the metrics are relative to the repository root, so the script runs from there.
+"""
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.comparison import (mcnemar, mcnemar_p, mean_std, paired_bootstrap_ci, parse_policy_name,
+                              parse_training_log, tokens_from_log)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "compare" / "run_cmp"
+METRICS_GLOB = "tests/fixtures/compare/run_cmp/10_evaluation/*/metrics.json"
+POLICIES = ("base", "sft", "grpo_seed1", "grpo-s2")
+PLOTS = ("reward_vs_method", "efficiency_vs_quality", "training_curves", "score_vs_seed")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "11_compare_runs.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_csv(path) -> dict[str, dict]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {row.get("policy") or row.get("method"): row for row in rows}
+
+
+# --- statistics, by hand ---
+
+@pytest.mark.parametrize("b, c, expected, test", [
+    (10, 2, 2 * (1 + 12 + 66) / 2 ** 12, "exact"),   # 2 * P[Bin(12, 1/2) <= 2] = 0.03857
+    (2, 10, 2 * (1 + 12 + 66) / 2 ** 12, "exact"),   # symmetric in b and c
+    (12, 2, 2 * (1 + 14 + 91) / 2 ** 14, "exact"),   # 0.01294, the grpo_seed1 fixture
+    (5, 5, 1.0, "exact"),                            # b = c: no evidence, p = 1 (2 * tail > 1 is capped)
+    (0, 0, 1.0, "exact"),                            # no discordant pairs
+    (0, 1, 1.0, "exact"),                            # 2 * P[X <= 0] = 2 * 1/2 = 1
+    (20, 20, 1.0, "chi2"),                           # b = c with the chi-square: statistic 0, p = 1
+    (30, 10, math.erfc(math.sqrt(9.025 / 2)), "chi2"),  # (|30 - 10| - 1)^2 / 40 = 9.025 -> p = 0.00266
+    (24, 0, 2 / 2 ** 24, "exact"),                   # b + c = 24 < 25: still exact
+    (25, 0, math.erfc(math.sqrt(24 ** 2 / 25 / 2)), "chi2"),  # b + c = 25: chi-square, (25 - 1)^2 / 25
+])
+def test_mcnemar_p(b, c, expected, test):
+    p, used = mcnemar_p(b, c)
+    assert used == test
+    assert p == pytest.approx(expected, rel=1e-12)
+
+
+def test_mcnemar_known_values():
+    assert mcnemar_p(10, 2)[0] == pytest.approx(0.03857, abs=1e-5)   # the textbook example
+    assert mcnemar_p(30, 10)[0] == pytest.approx(0.002663, abs=1e-6)  # chi2(1) survival at 9.025
+
+
+def test_mcnemar_counts_discordant_pairs():
+    a = [1, 1, 1, 0, 0, 1, 0]   # A right on items 0, 1, 2, 5
+    b = [1, 0, 0, 1, 0, 1, 0]   # B right on items 0, 3, 5
+    assert mcnemar(a, b) == (2, 1, 1.0)   # only A: items 1, 2; only B: item 3; 2 * P[Bin(3) <= 1] = 1
+    with pytest.raises(ValueError, match="pair them by id"):
+        mcnemar([1, 0], [1])
+
+
+@pytest.mark.parametrize("a, b, d", [
+    ([1] * 20, [0] * 20, 1.0),      # every pair differs by +1
+    ([0] * 20, [1] * 20, -1.0),     # every pair differs by -1
+    ([1, 0, 1, 1] * 5, [1, 0, 1, 1] * 5, 0.0),  # identical predictions
+])
+def test_paired_bootstrap_constant_difference(a, b, d):
+    assert paired_bootstrap_ci(a, b, seed=0, n_resamples=500) == [d, d]
+
+
+def test_paired_bootstrap_contains_difference_and_is_seeded():
+    a = [1] * 30 + [0] * 20     # 60% right
+    b = [1] * 20 + [0] * 30     # 40% right, same items: true difference 0.2
+    low, high = paired_bootstrap_ci(a, b, seed=7, n_resamples=2000)
+    assert low < 0.2 < high
+    assert 0.0 < low and high < 0.4  # 10 discordant pairs all favouring a: the interval is positive
+    assert paired_bootstrap_ci(a, b, seed=7, n_resamples=2000) == [low, high]
+    assert paired_bootstrap_ci([], [], seed=0) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="pair them by id"):
+        paired_bootstrap_ci([1, 0], [1], seed=0)
+
+
+@pytest.mark.parametrize("values, mean, std", [
+    ([0.5, 0.7], 0.6, math.sqrt(0.02)),           # deviations +-0.1: (0.01 + 0.01) / (2 - 1)
+    ([1, 2, 3, 4], 2.5, math.sqrt(5 / 3)),        # (2.25 + 0.25 + 0.25 + 2.25) / 3
+    ([0.3, None, 0.3], 0.3, 0.0),                 # None is skipped
+    ([0.4], 0.4, None),                           # one seed: no spread
+    ([], None, None),
+])
+def test_mean_std(values, mean, std):
+    got_mean, got_std = mean_std(values)
+    assert got_mean == pytest.approx(mean) if mean is not None else got_mean is None
+    assert got_std == pytest.approx(std) if std is not None else got_std is None
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sft", ("sft", None)),
+    ("grpo_seed2", ("grpo", 2)),
+    ("grpo-s2", ("grpo", 2)),
+    ("RLOO_seed10", ("rloo", 10)),
+    ("dpo_step_50", ("dpo", None)),       # 10_evaluate names a step checkpoint this way
+    ("finqanet", ("finqanet", None)),     # outside predictions: the name is the method
+])
+def test_parse_policy_name(name, expected):
+    assert parse_policy_name(name) == expected
+
+
+@pytest.mark.parametrize("text, steps", [
+    ('[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]', [1, 2]),        # TRL log_history as a list
+    ('{"log_history": [{"step": 5, "reward": 0.1}], "best": 3}', [5]),        # a dict holding it
+    ('{"step": 1, "kl": 0.0}\n{"step": 2, "kl": 0.1}\n', [1, 2]),            # JSON lines
+    ('{"config": {}}', []),                                                  # no entries
+])
+def test_parse_training_log(text, steps):
+    assert [entry["step"] for entry in parse_training_log(text)] == steps
+
+
+@pytest.mark.parametrize("entries, tokens", [
+    ([{"step": 1, "num_tokens": 100}, {"step": 2, "num_tokens": 250}], 250),           # TRL: cumulative, last
+    ([{"train/tokens_per_s": 40.0, "time/step_s": 2.5},                                 # 05_ppo: 40 x 2.5
+      {"train/tokens_per_s": 10.0, "time/step_s": 1.0}], 110.0),                         # + 10 x 1
+    ([{"step": 1, "loss": 1.0}, {"train/tokens_per_s": float("nan"), "time/step_s": 1.0}], None),  # nothing usable
+])
+def test_tokens_from_log(entries, tokens):
+    assert tokens_from_log(entries) == tokens
+
+
+def test_parse_training_log_rejects_garbage():
+    with pytest.raises(ValueError, match="invalid JSON"):
+        parse_training_log("{not json")
+
+
+# --- the script on the fixtures ---
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    done = run(METRICS_GLOB, "--output_dir", out, "--bootstrap", 1000)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_summary_numbers_equal_metrics(compared):
+    summary = read_csv(compared / "summary.csv")
+    assert set(summary) == set(POLICIES)
+    for policy in POLICIES:
+        metrics = json.loads((FIXTURE / "10_evaluation" / policy / "metrics.json").read_text())
+        row = summary[policy]
+        for name in ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "valid_program_rate",
+                     "reward_mean"):
+            assert float(row[name]) == metrics[name], (policy, name)   # exact: no rounding
+        assert [float(row["exec_acc_ci_low"]), float(row["exec_acc_ci_high"])] == metrics["exec_acc_ci95"]
+        assert int(row["n"]) == metrics["n_examples"] and int(row["eval_tokens"]) == metrics["tokens_generated"]
+        assert (row["run"], row["model"], row["context_mode"], row["dataset_source"]) == \
+            ("run_cmp", "smollm2-135m", "retrieved", "finqa")
+
+
+def test_summary_methods_seeds_and_compute(compared):
+    summary = read_csv(compared / "summary.csv")
+    facts = {p: (summary[p]["method"], summary[p]["seed"]) for p in POLICIES}
+    assert facts == {"base": ("base", "42"), "sft": ("sft", "42"),   # sft: the training manifest's seed
+                     "grpo_seed1": ("grpo", "1"), "grpo-s2": ("grpo", "2")}   # from the names
+    assert float(summary["sft"]["compute_hours"]) == 0.5                # 1800 s x 1 cpu
+    assert float(summary["grpo_seed1"]["compute_hours"]) == 2.0         # 3600 s x 2 GPUs
+    assert float(summary["grpo-s2"]["compute_hours"]) == 1.5            # 5400 s x 1 cpu
+    assert float(summary["base"]["compute_hours"]) == 0.0               # not trained here
+    assert summary["grpo_seed1"]["compute_device"] == "cuda:NVIDIA H100 80GB HBM3 x2"
+    assert int(summary["sft"]["train_tokens"]) == 123456
+    assert float(summary["sft"]["peak_memory_gb"]) == 1.75
+    assert float(summary["grpo_seed1"]["peak_memory_gb"]) == 30.0       # 30720 MB
+    assert summary["grpo-s2"]["peak_memory_gb"] == ""                   # not logged: empty, not 0
+
+
+def test_seeds_summary(compared):
+    seeds = read_csv(compared / "seeds_summary.csv")
+    assert seeds["grpo"]["n_policies"] == "2" and seeds["sft"]["n_policies"] == "1"
+    assert float(seeds["grpo"]["exec_acc_mean"]) == pytest.approx((20 / 30 + 16 / 30) / 2)   # 0.6
+    assert float(seeds["grpo"]["exec_acc_std"]) == pytest.approx(math.sqrt(2 * (2 / 30) ** 2))  # 0.0943
+    assert seeds["sft"]["exec_acc_std"] == ""   # one seed: no std
+
+
+def test_paired_against_sft(compared):
+    paired = read_csv(compared / "paired.csv")
+    assert set(paired) == {"base", "grpo_seed1", "grpo-s2"}
+    one, two, base = paired["grpo_seed1"], paired["grpo-s2"], paired["base"]
+    assert (one["only_policy_correct"], one["only_baseline_correct"], one["n_paired"]) == ("12", "2", "30")
+    assert float(one["diff"]) == pytest.approx(10 / 30)
+    assert float(one["mcnemar_p"]) == pytest.approx(2 * (1 + 14 + 91) / 2 ** 14)   # 0.01294
+    assert float(one["diff_ci_low"]) > 0 and one["significant"] == "True"
+    assert float(two["mcnemar_p"]) == pytest.approx(2 * (1 + 10 + 45) / 2 ** 10)   # 0.109: b=8, c=2
+    assert two["significant"] == "False"
+    assert (base["only_policy_correct"], base["only_baseline_correct"]) == ("0", "8")
+    assert float(base["diff"]) < 0 and base["baseline"] == "sft"
+
+
+def test_report_and_plots(compared):
+    report = (compared / "report.md").read_text()
+    for word in ("base", "sft", "grpo", "run_cmp", "Underpowered", "not significant", "McNemar"):
+        assert word in report, word
+    for name in PLOTS:
+        png = compared / "plots" / f"{name}.png"
+        assert f"](plots/{name}.png)" in report
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, name   # a real figure, not an empty canvas
+    manifest = json.loads((compared / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["module"] == "11_comparison"
+    assert len(manifest["inputs"]) == len(POLICIES)
+    assert all(len(entry["sha256"]) == 64 and entry["sha256"] in report for entry in manifest["inputs"].values())
+
+
+def test_default_output_and_tolerance(tmp_path):
+    """Copied run without checkpoints: training info from <run>/03_sft (its log corrupt), a missing breakdown."""
+    run_dir = tmp_path / "outputs" / "run_t"
+    shutil.copytree(FIXTURE / "10_evaluation", run_dir / "10_evaluation")
+    for metrics_file in (run_dir / "10_evaluation").glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        metrics_file.write_text(json.dumps({**metrics, "checkpoint": None}))
+    (run_dir / "10_evaluation" / "grpo-s2" / "breakdown.csv").unlink()
+    (run_dir / "03_sft" / "logs").mkdir(parents=True)
+    (run_dir / "03_sft" / "manifest.json").write_text(json.dumps({"duration_s": 360.0, "device": "cpu", "seed": 7}))
+    (run_dir / "03_sft" / "logs" / "training_log.json").write_text('{"log_history": [{"step": 1,')
+    done = run(run_dir / "10_evaluation", "--bootstrap", 200, "--baseline", "sft")
+    assert done.returncode == 0, done.stderr
+    assert "training_log.json" in done.stderr and "breakdown.csv" in done.stderr   # both warned about
+    out = run_dir / "11_comparison"
+    summary = read_csv(out / "summary.csv")
+    assert (summary["sft"]["seed"], float(summary["sft"]["compute_hours"])) == ("7", 0.1)  # 360 s
+    assert summary["grpo_seed1"]["compute_hours"] == ""   # no checkpoint, not named like its method
+    assert set(read_csv(out / "paired.csv")) == {"base", "grpo_seed1"}
+    assert all((out / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC for name in PLOTS)
+
+
+def test_real_evaluation_outputs(tmp_path):
+    """Two policies scored by 10_evaluate.py itself (predictions mode, no model) compare cleanly."""
+    evaluations = tmp_path / "outputs" / "run_e" / "10_evaluation"
+    for name, predictions in (("sft", "eval_predictions.jsonl"), ("grpo", "eval_predictions_official.json")):
+        done = subprocess.run([sys.executable, "10_evaluate.py", "--test_jsonl", "tests/fixtures/eval_data.jsonl",
+                               "--predictions", f"tests/fixtures/{predictions}", "--policy_name", name,
+                               "--output_dir", evaluations / name, "--bootstrap", "50"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    done = run(evaluations, "--bootstrap", 100)
+    assert done.returncode == 0, done.stderr
+    summary = read_csv(evaluations.parent / "11_comparison" / "summary.csv")
+    metrics = json.loads((evaluations / "grpo" / "metrics.json").read_text())
+    assert float(summary["grpo"]["exec_acc"]) == metrics["exec_acc"]
+    assert summary["grpo"]["dataset_source"] == "synthetic"
+    assert "Underpowered" in (evaluations.parent / "11_comparison" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tests/fixtures/compare/nope/metrics.json"], "no such metrics file"),   # a missing input
+    (["tests/fixtures/eval_data.jsonl"], "invalid JSON"),                   # not a metrics.json at all
+    ([METRICS_GLOB, "--bootstrap", "0"], "--bootstrap must be at least 1"),
+])
+def test_errors(args, message, tmp_path):
+    done = run(*args, "--output_dir", tmp_path / "out")
+    assert done.returncode == 1 and message in done.stderr, done.stderr
