@@ -171,7 +171,10 @@ def parse_args():
                         help="change one spec value, e.g. --set numeric_rel_tol=0.02 --set format=-0.5 "
                              f"(keys: {', '.join(f.name for f in fields(RewardSpec))})")
     args, extra = parser.parse_known_args()
-    return args, config.from_args(args, extra)
+    try:
+        return args, config.from_args(args, extra)
+    except config.ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
