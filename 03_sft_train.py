@@ -1,0 +1,182 @@
+"""Supervised fine-tuning (SFT) of the policy: LoRA on the processed FinQA data with TRL's SFTTrainer.
+
+    python 03_sft_train.py                                     # default model, 3 epochs on train.jsonl
+    python 03_sft_train.py --quick_test                        # 16 examples, 4 steps: a smoke run
+    python 03_sft_train.py --run_id run_002 --epochs 1 --training.learning_rate 1e-4 --save_merged
+    python 03_sft_train.py --resume                            # continue an interrupted run
+    accelerate launch 03_sft_train.py --config qwen2.5-0.5b    # one or several GPUs
+
+The data is TRL's conversational prompt-completion format, so the loss is on the completion only
+(TRL masks the prompt; the labels are the assistant's JSON answer and its <|im_end|>). Every
+validation.eval_steps steps and at the end: the loss on validation.num_samples val examples and
+greedy generations on the same examples, scored with utils.rewards (format_rate, exec_acc,
+reward_mean and its components). best = the highest val exec_acc, ties broken by reward_mean.
+
+Writes outputs/<run_id>/03_sft/: ckpt_sft/{step_N, best, final} (LoRA adapter + tokenizer +
+config.yaml; ckpt_sft/merged with --save_merged), logs/training_log.json, valid_samples/step_N.json,
+trainer/checkpoint-N (optimizer, scheduler and RNG, for --resume) and manifest.json.
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+from utils import config as config_lib
+from utils import runs, training
+
+MODULE = "03_sft"
+# --quick_test: tiny settings that explicit flags still override
+QUICK_TEST = {"training.max_steps": "4", "training.save_steps": "2", "training.logging_steps": "1",
+              "validation.eval_steps": "2", "validation.num_samples": "4", "validation.max_new_tokens": "32"}
+QUICK_TRAIN_EXAMPLES = 16
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_lib.add_common_args(parser)
+    parser.add_argument("--train_jsonl", help="training data (default: <paths.data_dir>/train.jsonl)")
+    parser.add_argument("--val_jsonl", help="validation data (default: <paths.data_dir>/val.jsonl)")
+    parser.add_argument("--reward_spec", help="reward_spec.yaml for validation (default: "
+                        "outputs/<run_id>/02_rewards/reward_spec.yaml if present, else the built-in defaults)")
+    parser.add_argument("--quick_test", action="store_true",
+                        help=f"smoke run: {QUICK_TRAIN_EXAMPLES} train and 4 val examples, 4 steps, "
+                             "validation every 2 steps, 32 new tokens")
+    parser.add_argument("--skip_validation", action="store_true",
+                        help="no generation-based validation (the val loss still runs; best = lowest val loss)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last trainer checkpoint in the output folder (optimizer, "
+                             "scheduler, RNG, training log and best so far)")
+    parser.add_argument("--save_merged", action="store_true",
+                        help="also save ckpt_sft/merged: the final LoRA folded into the base model")
+    parser.add_argument("--max_train_examples", type=int, help="use only the first N training examples")
+    parser.add_argument("--max_val_examples", type=int, help="use only the first N validation examples")
+    return parser.parse_known_args(argv)
+
+
+def resolve_config(args, extra_tokens) -> dict:
+    quick = dict(QUICK_TEST) if args.quick_test else {}
+    if args.max_steps is not None:  # the --max_steps shortcut would otherwise lose to --quick_test
+        quick.pop("training.max_steps", None)
+    tokens = [token for key, value in quick.items() for token in (f"--{key}", value)]
+    return config_lib.from_args(args, tokens + list(extra_tokens))
+
+
+def load_split(path: Path, limit: int | None) -> list[dict]:
+    rows = runs.read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path} holds no examples: rerun python 01_prepare_dataset.py")
+    missing = [name for name in ("prompt", "completion") if name not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: examples lack {missing}; it is not a processed file from 01_prepare_dataset.py")
+    return rows[:limit] if limit else rows
+
+
+def to_dataset(rows: list[dict]):
+    """Only the columns the trainer reads: exe_ans mixes numbers and "yes"/"no", and tables are
+    nested lists, which Arrow would have to reconcile for nothing."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def prepare_folder(folder: Path, resume: bool) -> str | None:
+    """The trainer checkpoint to resume from; a fresh run clears the previous run's outputs."""
+    if resume:
+        last = training.last_trainer_checkpoint(folder / "trainer")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no trainer checkpoint (checkpoint-N) in {folder / 'trainer'}; "
+                                    f"run without --resume to start training")
+        print(f"resuming from {last}")
+        return last
+    for name in ("trainer", "ckpt_sft", "logs", "valid_samples"):
+        if (folder / name).exists():
+            print(f"fresh run: removing the previous {folder / name} (use --resume to continue it)")
+            shutil.rmtree(folder / name)
+    return None
+
+
+def main(args, extra_tokens=()) -> None:
+    cfg = resolve_config(args, extra_tokens)
+    print(config_lib.dump(cfg))
+    folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
+    ckpt_dir, trainer_dir = folder / "ckpt_sft", folder / "trainer"
+    log_path = folder / "logs" / "training_log.json"
+    resume_from = prepare_folder(folder, args.resume)
+    runs.seed_everything(cfg["training"]["seed"])
+    data_dir = Path(cfg["paths"]["data_dir"])
+    train_path = Path(args.train_jsonl or data_dir / "train.jsonl")
+    val_path = Path(args.val_jsonl or data_dir / "val.jsonl")
+
+    with runs.Manifest(folder, MODULE, args, cfg) as manifest:
+        # --- data ---
+        train_rows = load_split(train_path, args.max_train_examples or (QUICK_TRAIN_EXAMPLES if args.quick_test else None))
+        val_rows = load_split(val_path, args.max_val_examples)[:cfg["validation"]["num_samples"]]
+        manifest.add_input("train", train_path)
+        manifest.add_input("val", val_path)
+        spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)
+        if spec_path:
+            manifest.add_input("reward_spec", spec_path)
+        print(f"{len(train_rows)} training examples ({train_path}), {len(val_rows)} validation examples ({val_path}); "
+              f"reward spec: {spec_path or 'built-in defaults'}")
+
+        # --- model ---
+        from trl import SFTConfig, SFTTrainer
+
+        from utils.modeling import load_model, load_tokenizer, resolve_model_path
+
+        base_model = resolve_model_path(cfg)
+        if Path(base_model).is_dir():
+            manifest.add_input("base_model", base_model)
+        tokenizer = load_tokenizer(cfg)
+        model = load_model(cfg, dtype="float32")  # fp32 master weights; autocast per the dtype policy
+        precision = training.mixed_precision(cfg)
+        print(f"precision: {precision['note']}")
+
+        # --- train ---
+        sft_config = SFTConfig(**training.training_arguments(cfg, trainer_dir, cfg["validation"]["eval_steps"]),
+                               max_length=cfg["model"]["max_length"], completion_only_loss=True,
+                               packing=False)
+        validation = None if args.skip_validation else training.ValidationCallback(
+            val_rows, tokenizer, folder / "valid_samples", spec=spec,
+            max_new_tokens=cfg["validation"]["max_new_tokens"], batch_size=cfg["validation"]["batch_size"])
+        checkpoints = training.CheckpointCallback(ckpt_dir, tokenizer, cfg, validation=validation, resume=args.resume,
+                                                  save_total_limit=cfg["training"]["save_total_limit"])
+        log = training.JsonLogCallback(log_path)
+        callbacks = [training.NonFiniteGuard(ckpt_dir, trainer_dir), *([validation] if validation else []),
+                     checkpoints, log]
+        trainer = SFTTrainer(model=model, args=sft_config, train_dataset=to_dataset(train_rows),
+                             eval_dataset=to_dataset(val_rows), processing_class=tokenizer,
+                             peft_config=training.lora_config(cfg) if cfg["lora"]["enabled"] else None,
+                             callbacks=callbacks)
+        output = trainer.train(resume_from_checkpoint=resume_from)
+
+        # --- save ---
+        final = checkpoints.save_final(trainer.model, trainer.state.global_step)
+        log.write(trainer.state)
+        for name, path in (("final", final), ("best", ckpt_dir / "best"), ("training_log", log_path),
+                           ("valid_samples", folder / "valid_samples"), ("trainer", trainer_dir)):
+            manifest.add_output(name, path)
+        if args.save_merged:
+            manifest.add_output("merged", training.save_merged(final, ckpt_dir / "merged", cfg))
+        losses = [e["loss"] for e in trainer.state.log_history if e.get("loss") is not None]
+        best = checkpoints.best or {}
+        manifest.metrics.update({
+            "train_loss_final": losses[-1] if losses else None,
+            "train_loss_mean": output.training_loss,
+            "global_step": trainer.state.global_step,
+            "best_step": best.get("step"),
+            **{f"best_val_{k}": best.get("metrics", {}).get(k) for k in ("exec_acc", "format_rate", "reward_mean", "eval_loss")},
+            "train_runtime_s": output.metrics.get("train_runtime"),
+            "train_tokens": log.tokens,
+            "train_tokens_per_s": log.tokens_per_s,
+            "dtype": precision["dtype"], "mixed_precision": "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
+            "precision_note": precision["note"],
+            "base_model": base_model,
+            "reward_spec": str(spec_path) if spec_path else "built-in defaults",
+            "n_train_examples": len(train_rows), "n_val_examples": len(val_rows),
+        })
+        print(f"done: final {final}; best step {best.get('step')} {best.get('metrics')}; "
+              f"{log.tokens_per_s or 0:.1f} train tokens/s")
+
+
+if __name__ == "__main__":
+    main(*parse_args())

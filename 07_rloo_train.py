@@ -1,0 +1,48 @@
+"""RLOO (REINFORCE with a leave-one-out baseline) from the SFT checkpoint with TRL's RLOOTrainer.
+
+    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
+    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.beta 0.0
+    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --resume        # continue a run
+    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
+
+Each step samples k = algorithm.num_generations completions per training prompt and scores them
+with the weighted reward components; RLOO subtracts beta x each completion's KL to the SFT policy
+from its reward (Ahmadian et al., 2024) and uses as its advantage that reward minus the mean of
+the other k - 1 rewards of its prompt (the leave-one-out baseline: unbiased, no value model).
+The SFT LoRA adapter itself is trained against a frozen copy (utils/rl.py).
+
+Writes outputs/<run_id>/07_rloo/: the same layout as 06_grpo (ckpt_rloo/{step_N,best,final},
+logs/training_log.json, val_generations/step_N.jsonl, trainer/, manifest.json) plus
+logs/rloo_samples.jsonl: one line per sampled completion and step, {"step", "group", "id",
+"reward" (the weighted total), "rewards" (each component), "baseline" (the mean of the other
+k - 1 totals of its group), "advantage" (TRL's, which also carries the KL term)}.
+"""
+from utils import rl
+
+MODULE = "07_rloo"
+
+
+def build_trainer(cfg: dict, trainer_args: dict, inputs: dict, folder):
+    """TRL's RLOOTrainer with the shared arguments and RLOO's own (configs/algorithms/rloo.yaml),
+    recording every sample's reward and baseline in logs/rloo_samples.jsonl."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    class Trainer(rl.LeaveOneOutSampleLog, RLOOTrainer):
+        samples_path = folder / "logs" / "rloo_samples.jsonl"
+
+    rloo_config = RLOOConfig(
+        **trainer_args,
+        normalize_advantages=cfg["algorithm"]["normalize_advantages"],  # LOO advantages are centred already
+    )
+    return Trainer(args=rloo_config, **inputs)
+
+
+def main(args, extra_tokens=()) -> dict:
+    # algorithm.baseline can only be "loo" (the config schema rejects anything else): TRL's
+    # RLOOTrainer always uses the leave-one-out baseline; for a group-mean baseline run 06 GRPO
+    cfg = rl.resolve_config(args, extra_tokens)
+    return rl.run(MODULE, cfg, args, build_trainer)
+
+
+if __name__ == "__main__":
+    main(*rl.parse_args(__doc__, "rloo"))

@@ -1,0 +1,253 @@
+"""Run the pipeline end to end: data -> rewards -> SFT -> PPO/GRPO/RLOO/DPO -> evaluation -> comparison.
+
+    python 12_driver.py --method all --quick_test                    # smoke run of everything (CPU: minutes)
+    python 12_driver.py --method all --run_id run_002                # the real run
+    python 12_driver.py --method grpo --seeds 1 2 3 --run_id grpo_seeds
+    python 12_driver.py --method dpo --algo_config configs/algorithms/dpo.yaml --algorithm.beta 0.2
+    python 12_driver.py --method all --dataset synthetic --quick_test --dry_run   # print the plan only
+    python 12_driver.py --method all --quick_test --force 03_sft     # retrain SFT; what reads it reruns
+
+Stages: 00 check data, 01 prepare, 02 rewards, then per seed 03 SFT (shared by the seed's methods),
+04 candidates and 08 preferences (DPO only), the methods (05 PPO, 06 GRPO, 07 RLOO, 09 DPO), then 10 evaluates
+base, SFT and each method on test, and 11 compares them. Each stage is a subprocess whose output is shown and
+saved to outputs/<run>/logs/<stage>.log. A stage that completed before with the same command line, inputs
+(sha256) and untouched outputs is skipped, so rerunning the same command after an interruption resumes where it
+stopped (utils/driver.py has the rule). With several seeds, seed-specific folders and policy names get a _seed<N>
+suffix (03_sft_seed1, grpo_seed1). Unknown --section.key value flags are passed to every stage; --algorithm.*
+ones to the method's stages. Writes outputs/<run>/run_manifest.json (every stage's command, inputs, manifest,
+status and time) and outputs/<run>/README.md (configuration, commands, results table).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils import config as config_lib
+from utils import driver, runs
+
+REPO_ROOT = Path(__file__).resolve().parent
+TAIL_LINES = 25  # log lines shown when a stage fails
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --seed must not pass for --seeds
+    parser.add_argument("--method", default="all", help="ppo, grpo, rloo, dpo or all (default: %(default)s)")
+    parser.add_argument("--run_id", default="run_001", help="outputs/<run_id>/ (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed (default: 42)")
+    parser.add_argument("--config", default=config_lib.DEFAULT_MODEL_CONFIG,
+                        help="model config, a path or a name in configs/models/ (default: %(default)s)")
+    parser.add_argument("--algo_config", default=None,
+                        help="algorithm config for a single --method (default: configs/algorithms/<method>.yaml)")
+    parser.add_argument("--dataset", choices=["finqa", "synthetic"], default="finqa")
+    parser.add_argument("--context_mode", choices=["retrieved", "gold", "full"], default="retrieved")
+    parser.add_argument("--data_root", default="datasets/finqa", help="raw FinQA folder (default: %(default)s)")
+    parser.add_argument("--quick_test", action="store_true", help="small subsets and a few steps in every stage")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="rerun this stage even if complete (repeatable): a stage name (03_sft_seed1), "
+                             "a name without its seed (03_sft) or a script number (10)")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and what would be skipped")
+    return parser.parse_known_args(argv)
+
+
+# --- helpers ---
+class Hashes:
+    """sha256 of files and folders, each computed once per (path, sizes, mtimes): a model is hashed once."""
+
+    def __init__(self):
+        self.cache: dict[str, tuple[str, str]] = {}
+
+    def sha_of(self, path) -> str | None:
+        if not Path(path).exists():
+            return None
+        key = driver.stat_fingerprint([path])
+        if self.cache.get(str(path), ("",))[0] != key:
+            self.cache[str(path)] = (key, runs.sha256_path(path))
+        return self.cache[str(path)][1]
+
+
+def read_manifest(path) -> dict | None:
+    try:
+        return runs.read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of the finished subprocesses so far: with the wall time, it shows how much
+    other processes on the machine slowed a stage down."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_stage(stage: driver.Stage, log_path: Path) -> int:
+    """Run the stage's script, its output teed to the console and the log (raw bytes: progress bars survive)."""
+    cmd = [sys.executable, str(REPO_ROOT / stage.script), *stage.args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb", buffering=0) as log:  # unbuffered: `tail -f` the log while a stage runs
+        log.write(f"$ {stage.command}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+        except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it write its failed manifest
+            proc.wait(timeout=60)
+            raise
+        return proc.wait()
+
+
+def tail(path: Path, n: int = TAIL_LINES) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return "\n".join("    " + line.rsplit("\r", 1)[-1] for line in text.splitlines()[-n:])
+
+
+def resolve(args, extra) -> tuple[driver.Options, dict]:
+    """Options for the plan, checking every override against the config schema before anything runs."""
+    runs.validate_run_id(args.run_id)
+    methods = driver.expand_methods(args.method)
+    common, algorithm = driver.split_overrides(extra)
+    data_dir = driver.override_value(common, "paths.data_dir")
+    if data_dir is None and args.dataset == "synthetic":
+        data_dir = driver.SYNTHETIC_DATA_DIR
+        common += ["--paths.data_dir", data_dir]
+    cfg = config_lib.load(args.config, None, common)
+    algo_files = {}
+    for method in methods:
+        algo = args.algo_config or method
+        config_lib.load(args.config, algo, [*common, *algorithm])
+        algo_files[method] = str(config_lib.resolve_config_path(algo, config_lib.ALGORITHMS_DIR))
+    if "dpo" in methods and "dpo" not in algo_files:
+        algo_files["dpo"] = str(config_lib.resolve_config_path("dpo", config_lib.ALGORITHMS_DIR))
+    opts = driver.Options(
+        methods=methods, seeds=tuple(args.seeds), run_id=args.run_id, config=args.config,
+        output_root=cfg["paths"]["output_root"], data_dir=data_dir or cfg["paths"]["data_dir"],
+        dataset=args.dataset, context_mode=args.context_mode, data_root=args.data_root,
+        algo_config=args.algo_config, overrides=tuple(common), algo_overrides=tuple(algorithm),
+        quick_test=args.quick_test,
+        config_files=(str(config_lib.resolve_config_path(args.config, config_lib.MODELS_DIR)),),
+        algo_files=algo_files)
+    return opts, cfg
+
+
+# --- main ---
+def main(args, extra) -> int:
+    try:
+        opts, cfg = resolve(args, extra)
+        stages = driver.plan(opts)
+        forced = driver.select_forced(stages, args.force)
+    except (driver.PlanError, config_lib.ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    missing = [s.script for s in stages if not (REPO_ROOT / s.script).is_file()]
+    if missing:
+        print(f"{'warning' if args.dry_run else 'error'}: missing scripts: {', '.join(dict.fromkeys(missing))}",
+              file=sys.stderr)
+        if not args.dry_run:
+            return 2
+    run_dir = Path(opts.output_root) / opts.run_id
+    manifest_path, logs = run_dir / "run_manifest.json", run_dir / "logs"
+    state = read_manifest(manifest_path) or {}
+    records, hashes, n = state.get("stages", {}), Hashes(), len(stages)
+    command = shlex.join(["python", "12_driver.py", *sys.argv[1:]])
+    print(f"run {opts.run_id}: {n} stages, methods {', '.join(opts.methods)}, seeds "
+          f"{' '.join(map(str, opts.seeds))}, {opts.dataset} ({opts.context_mode})"
+          f"{', quick test' if opts.quick_test else ''} -> {run_dir}", flush=True)
+
+    if args.dry_run:
+        will_run = set()
+        for i, stage in enumerate(stages, 1):
+            run, why = driver.decide(stage, records.get(stage.name), read_manifest(stage.manifest),
+                                     stage.name in forced, hashes.sha_of, driver.stat_fingerprint)
+            upstream = [d for d in stage.deps if d in will_run]
+            if not run and upstream:
+                run, why = True, f"if its inputs change when {', '.join(upstream)} reruns"
+            will_run |= {stage.name} if run else set()
+            print(f"[{i:2d}/{n}] {stage.name}: {'run' if run else 'skip'} ({why})\n        {stage.command}")
+        return 0
+
+    logs.mkdir(parents=True, exist_ok=True)
+    started, t0 = runs.timestamp(), time.monotonic()
+    info = {"run_id": opts.run_id, "command": command, "methods": list(opts.methods), "seeds": list(opts.seeds),
+            "dataset": opts.dataset, "data_dir": opts.data_dir, "context_mode": opts.context_mode,
+            "quick_test": opts.quick_test, "config": opts.config, "algo_config": opts.algo_config,
+            "overrides": [*opts.overrides, *opts.algo_overrides], "model": cfg["model"]["name"],
+            "model_path": cfg["model"]["name_or_path"]}
+    invocation = {"command": command, "started_at": started, "ran": [], "skipped": []}
+    state.update(info, status="running", started_at=started, git=runs.git_info(), plan=[s.name for s in stages],
+                 stages={**records, **{s.name: records.get(s.name, {"status": "pending", "manifest": s.manifest})
+                                       for s in stages}})
+    state.setdefault("invocations", []).append(invocation)
+    info["git_commit"] = state["git"]["commit"]
+
+    def save(status: str) -> None:
+        state.update(status=status, finished_at=runs.timestamp(), duration_s=round(time.monotonic() - t0, 1))
+        invocation.update(status=status, finished_at=state["finished_at"])
+        runs.atomic_write_json(manifest_path, state)
+        summary = run_dir / "11_comparison" / "summary.csv"
+        done = state["stages"].get("11_comparison", {}).get("status") == "complete" and summary.is_file()
+        runs.atomic_write_text(run_dir / "README.md", driver.readme_text(
+            info, stages, summary.read_text(encoding="utf-8") if done else None))
+
+    save("running")
+    for i, stage in enumerate(stages, 1):
+        head = f"[{i:2d}/{n}] {stage.name}"
+        run, why = driver.decide(stage, records.get(stage.name), read_manifest(stage.manifest),
+                                 stage.name in forced, hashes.sha_of, driver.stat_fingerprint)
+        if not run:
+            print(f"{head}: skipped ({why})", flush=True)
+            invocation["skipped"].append(stage.name)
+            continue
+        log = logs / f"{stage.name}.log"
+        print(f"\n{'=' * 100}\n{head}: {stage.what} [runs because {why}]\n  $ {stage.command}\n  log: {log}\n"
+              f"{'=' * 100}", flush=True)
+        state["stages"][stage.name] = {"status": "running", "script": stage.script, "argv": stage.argv,
+                                       "command": stage.command, "manifest": stage.manifest, "log": str(log)}
+        save("running")
+        t_stage, cpu_start = time.monotonic(), cpu_seconds()
+        try:
+            code = run_stage(stage, log)
+        except KeyboardInterrupt:
+            state["stages"][stage.name]["status"] = "interrupted"
+            save("interrupted")
+            print(f"\ninterrupted in {stage.name}; rerun the same command to resume", file=sys.stderr)
+            return 130
+        seconds = time.monotonic() - t_stage
+        manifest = read_manifest(stage.manifest)
+        if code != 0 or not manifest or manifest.get("status") != "complete":
+            problem = (f"exited with status {code}" if code != 0 else
+                       f"exited 0 but {stage.manifest} says {manifest.get('status') if manifest else 'nothing (missing)'}")
+            state["stages"][stage.name].update(status="failed", exit_code=code, duration_s=round(seconds, 1))
+            save("failed")
+            print(f"\nFAILED: stage {stage.name} ({stage.script}) {problem} after {clock(seconds)}.\n"
+                  f"log: {log}\nlast lines:\n{tail(log)}\n"
+                  f"Fix the cause and rerun the same command: completed stages are skipped.", file=sys.stderr)
+            return 1
+        record = driver.stage_record(stage, manifest, seconds, hashes.sha_of, driver.stat_fingerprint, str(log),
+                                     cpu_s=cpu_seconds() - cpu_start)
+        state["stages"][stage.name] = records[stage.name] = record
+        invocation["ran"].append(stage.name)
+        save("running")
+        print(f"{head}: done in {clock(seconds)} (pipeline {clock(time.monotonic() - t0)})", flush=True)
+
+    save("complete")
+    print(f"\nrun {opts.run_id} complete in {clock(time.monotonic() - t0)}: {len(invocation['ran'])} stages ran, "
+          f"{len(invocation['skipped'])} skipped.\n  {run_dir / 'README.md'}\n  {run_dir / '11_comparison' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    args, extra = parse_args()
+    sys.exit(main(args, extra))

@@ -1,0 +1,346 @@
+"""12_driver.py: the plan and skip rule of utils/driver.py by hand, then the whole pipeline on a tiny model.
+
+The end-to-end test runs `12_driver.py --method all --quick_test` on a tiny random model and synthetic
+FinQA-format raw files, everything under tmp_path: --paths.output_root and --paths.data_dir move the run
+folder and the processed data there (every script honours both), so nothing lands in outputs/ or datasets/.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from utils import driver
+from utils.driver import Options, PlanError, Stage
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = "configs/models/smollm2-135m.yaml"
+
+
+def opts(**changes) -> Options:
+    base = dict(methods=driver.METHODS, seeds=(42,), run_id="r1", config=CFG, output_root="out",
+                data_dir="data", config_files=(CFG,),
+                algo_files={m: f"configs/algorithms/{m}.yaml" for m in driver.METHODS})
+    return Options(**{**base, **changes})
+
+
+def names(stages) -> list[str]:
+    return [s.name for s in stages]
+
+
+def by_name(stages) -> dict[str, Stage]:
+    return {s.name: s for s in stages}
+
+
+# --- command line ---
+@pytest.mark.parametrize("method, expected", [
+    ("all", ("ppo", "grpo", "rloo", "dpo")),   # every method, in script order
+    ("grpo", ("grpo",)),                       # one
+])
+def test_expand_methods(method, expected):
+    assert driver.expand_methods(method) == expected
+
+
+def test_expand_methods_rejects_unknown():
+    with pytest.raises(PlanError, match="--method 'sac'.*ppo, grpo, rloo, dpo or all"):
+        driver.expand_methods("sac")
+
+
+@pytest.mark.parametrize("tokens, common, algorithm", [
+    ([], [], []),                                                          # nothing to pass
+    (["--training.learning_rate", "1e-5"], ["--training.learning_rate", "1e-5"], []),   # flag and value
+    (["--lora.r=8"], ["--lora.r=8"], []),                                  # --key=value is one token
+    (["--algorithm.beta", "0.2", "--max_steps", "1"], ["--max_steps", "1"], ["--algorithm.beta", "0.2"]),
+    (["--training.max_steps", "-1"], ["--training.max_steps", "-1"], []),  # a negative value is a value
+    (["--algorithm.beta=0.2"], [], ["--algorithm.beta=0.2"]),              # --algorithm.* go to the methods
+])
+def test_split_overrides(tokens, common, algorithm):
+    assert driver.split_overrides(tokens) == (common, algorithm)
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (["oops"], "unexpected argument 'oops'"),             # a bare word
+    (["--seed", "3"], "use --seeds"),                     # the driver seeds each stage
+    (["--training.seed=3"], "use --seeds"),
+    (["--output_dir", "x"], "use --run_id and paths.output_root"),  # the driver names the folders
+])
+def test_split_overrides_rejects(tokens, match):
+    with pytest.raises(PlanError, match=match):
+        driver.split_overrides(tokens)
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    ([], None),                                                        # not given
+    (["--paths.data_dir", "a"], "a"),                                  # --key value
+    (["--paths.data_dir=b"], "b"),                                     # --key=value
+    (["--paths.data_dir", "a", "--paths.data_dir=c"], "c"),            # the last one wins, as in utils.config
+    (["--paths.data_dirx", "a"], None),                                # another key
+])
+def test_override_value(tokens, expected):
+    assert driver.override_value(tokens, "paths.data_dir") == expected
+
+
+# --- plan ---
+def test_plan_all_methods_one_seed():
+    stages = driver.plan(opts())
+    assert names(stages) == [
+        "00_data_validation", "01_preprocessing", "02_rewards", "03_sft", "04_candidates", "08_preferences",
+        "05_ppo", "06_grpo", "07_rloo", "09_dpo",
+        "10_eval_base", "10_eval_sft", "10_eval_ppo", "10_eval_grpo", "10_eval_rloo", "10_eval_dpo",
+        "11_comparison"]
+    s = by_name(stages)
+    # DESIGN.md's folders for a single seed
+    assert s["03_sft"].folder == "out/r1/03_sft" and s["06_grpo"].folder == "out/r1/06_grpo"
+    assert s["10_eval_grpo"].folder == "out/r1/10_evaluation/grpo"
+    assert s["01_preprocessing"].manifest == "out/r1/01_preprocessing/manifest.json"
+    # each method starts from the seed's SFT folder; DPO from the pairs of 08
+    assert s["06_grpo"].args[:4] == ("--policy_ckpt", "out/r1/03_sft", "--output_dir", "out/r1/06_grpo")
+    assert s["09_dpo"].args[:4] == ("--base_or_sft_ckpt", "out/r1/03_sft", "--pairs",
+                                    "out/r1/08_preferences/pairs.jsonl")
+    assert s["04_candidates"].args[:2] == ("--policy_ckpt", "out/r1/03_sft")
+    assert s["08_preferences"].args[:2] == ("--candidates_dir", "out/r1/04_candidates")
+    # evaluations name their policy; the base model has no checkpoint
+    assert "--policy_ckpt" not in s["10_eval_base"].args
+    assert s["10_eval_ppo"].args[:4] == ("--policy_ckpt", "out/r1/05_ppo", "--policy_name", "ppo")
+    # the comparison reads exactly the six metrics files
+    metrics = [a for a in s["11_comparison"].args if a.endswith("metrics.json")]
+    assert metrics == [f"out/r1/10_evaluation/{p}/metrics.json" for p in ("base", "sft", "ppo", "grpo", "rloo", "dpo")]
+    for stage in stages:
+        assert stage.args[stage.args.index("--run_id") + 1] == "r1"
+        assert stage.args[stage.args.index("--config") + 1] == CFG
+        assert stage.inputs[0] == CFG                       # the model config is every stage's input
+
+
+def test_plan_without_dpo_has_no_candidates_or_pairs():
+    assert names(driver.plan(opts(methods=("grpo",)))) == [
+        "00_data_validation", "01_preprocessing", "02_rewards", "03_sft", "06_grpo",
+        "10_eval_base", "10_eval_sft", "10_eval_grpo", "11_comparison"]
+
+
+def test_plan_several_seeds_suffixes_folders_and_policies():
+    stages = driver.plan(opts(methods=("grpo", "dpo"), seeds=(1, 2)))
+    assert names(stages) == [
+        "00_data_validation", "01_preprocessing", "02_rewards",
+        "03_sft_seed1", "04_candidates_seed1", "08_preferences_seed1", "06_grpo_seed1", "09_dpo_seed1",
+        "03_sft_seed2", "04_candidates_seed2", "08_preferences_seed2", "06_grpo_seed2", "09_dpo_seed2",
+        "10_eval_base", "10_eval_sft_seed1", "10_eval_grpo_seed1", "10_eval_dpo_seed1",
+        "10_eval_sft_seed2", "10_eval_grpo_seed2", "10_eval_dpo_seed2", "11_comparison"]
+    s = by_name(stages)
+    # SFT once per seed, shared by that seed's methods
+    assert s["06_grpo_seed2"].args[:4] == ("--policy_ckpt", "out/r1/03_sft_seed2", "--output_dir", "out/r1/06_grpo_seed2")
+    assert s["09_dpo_seed1"].args[3] == "out/r1/08_preferences_seed1/pairs.jsonl"
+    # policy names as 11_compare_runs parses them (grpo_seed2 -> grpo, seed 2)
+    assert s["10_eval_grpo_seed2"].args[:4] == ("--policy_ckpt", "out/r1/06_grpo_seed2", "--policy_name", "grpo_seed2")
+    # seeds reach the seed-specific stages only; data, rewards and the base evaluation are shared
+    for stage in stages:
+        seed = stage.args[stage.args.index("--seed") + 1] if "--seed" in stage.args else None
+        assert seed == (str(stage.seed) if stage.seed is not None else None)
+    assert s["03_sft_seed2"].seed == 2 and s["10_eval_base"].seed is None and s["02_rewards"].seed is None
+
+
+def test_plan_flags_reach_the_right_stages():
+    stages = driver.plan(opts(methods=("dpo",), quick_test=True, algo_config="my_dpo.yaml",
+                              overrides=("--training.max_steps", "1"), algo_overrides=("--algorithm.beta", "0.3"),
+                              algo_files={"dpo": "my_dpo.yaml"}))
+    s = by_name(stages)
+    for stage in stages:
+        assert ("--quick_test" in stage.args) == (stage.script in driver.QUICK_TEST_SCRIPTS)
+        algo = stage.name in ("08_preferences", "09_dpo")   # 08 reads algorithm.min_margin
+        assert ("--algo_config" in stage.args) == algo and ("my_dpo.yaml" in stage.inputs) == algo
+        # overrides come last, so they win over the driver's own flags
+        tail = ("--training.max_steps", "1", "--algorithm.beta", "0.3") if algo else ("--training.max_steps", "1")
+        assert stage.args[-len(tail):] == tail
+    assert "--quick_test" in s["01_preprocessing"].args and "--quick_test" not in s["02_rewards"].args
+
+
+def test_plan_synthetic_has_no_raw_check():
+    stages = driver.plan(opts(methods=("ppo",), dataset="synthetic", data_dir="datasets/synthetic_processed"))
+    assert names(stages)[:2] == ["01_preprocessing", "02_rewards"]
+    assert stages[0].args[:6] == ("--dataset", "synthetic", "--context_mode", "retrieved",
+                                  "--output_dir", "datasets/synthetic_processed")
+
+
+def test_plan_finqa_passes_data_root_and_context_mode():
+    s = by_name(driver.plan(opts(methods=("ppo",), data_root="raw", context_mode="gold")))
+    assert s["00_data_validation"].args[:2] == ("--data_root", "raw")
+    assert s["01_preprocessing"].args[:8] == ("--data_root", "raw", "--dataset", "finqa", "--context_mode", "gold",
+                                              "--output_dir", "data")
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(methods=("ppo", "grpo"), algo_config="x.yaml"), "single --method"),       # one method's hyperparameters
+    (dict(methods=("ppo", "grpo"), algo_overrides=("--algorithm.beta", "1")), "single --method"),
+    (dict(seeds=(1, 1)), "each seed once"),
+    (dict(seeds=()), "at least one"),
+])
+def test_plan_rejects(changes, match):
+    with pytest.raises(PlanError, match=match):
+        driver.plan(opts(**changes))
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (["03_sft"], {"03_sft_seed1", "03_sft_seed2"}),               # a name without its seed: every seed
+    (["03_sft_seed2"], {"03_sft_seed2"}),                         # one stage
+    (["10"], {"10_eval_base", "10_eval_sft_seed1", "10_eval_grpo_seed1", "10_eval_sft_seed2",
+              "10_eval_grpo_seed2"}),                             # a script number: all its stages
+    (["02_rewards", "11_comparison"], {"02_rewards", "11_comparison"}),  # repeatable
+    ([], set()),
+])
+def test_select_forced(targets, expected):
+    stages = driver.plan(opts(methods=("grpo",), seeds=(1, 2)))
+    assert driver.select_forced(stages, targets) == expected
+
+
+def test_select_forced_rejects_unknown():
+    with pytest.raises(PlanError, match="--force 05_ppo: no such stage"):
+        driver.select_forced(driver.plan(opts(methods=("grpo",))), ["05_ppo"])
+
+
+# --- skip rule ---
+STAGE = Stage("03_sft", "03_sft_train.py", ("--seed", "1"), "out/r1/03_sft", "out/r1/03_sft/manifest.json", "SFT")
+SHAS = {"data/train.jsonl": "aaa", "cfg.yaml": "ccc"}
+RECORD = {"status": "complete", "argv": ["03_sft_train.py", "--seed", "1"], "finished_at": "T1",
+          "inputs": dict(SHAS), "outputs": ["out/r1/03_sft/ckpt_sft"], "outputs_fingerprint": "fp"}
+MANIFEST = {"status": "complete", "finished_at": "T1"}
+
+
+@pytest.mark.parametrize("record, manifest, forced, shas, fingerprint, run, why", [
+    (RECORD, MANIFEST, False, SHAS, "fp", False, "complete; command, inputs"),      # all unchanged: skip
+    (RECORD, MANIFEST, True, SHAS, "fp", True, "forced"),                            # --force
+    (None, MANIFEST, False, SHAS, "fp", True, "not run yet"),                        # never run by the driver
+    ({**RECORD, "status": "failed"}, MANIFEST, False, SHAS, "fp", True, "did not complete (failed)"),       # failed last time
+    ({**RECORD, "status": "interrupted"}, MANIFEST, False, SHAS, "fp", True, "did not complete (interrupted)"),
+    (RECORD, None, False, SHAS, "fp", True, "manifest.json is missing"),             # folder deleted
+    (RECORD, {**MANIFEST, "status": "running"}, False, SHAS, "fp", True, "says running"),   # killed mid-run
+    (RECORD, {**MANIFEST, "finished_at": "T2"}, False, SHAS, "fp", True, "rewritten since"),  # run again by hand
+    ({**RECORD, "argv": ["03_sft_train.py", "--seed", "2"]}, MANIFEST, False, SHAS, "fp", True, "command line"),
+    (RECORD, MANIFEST, False, {**SHAS, "data/train.jsonl": "bbb"}, "fp", True, "input data/train.jsonl changed"),
+    (RECORD, MANIFEST, False, {"cfg.yaml": "ccc"}, "fp", True, "input data/train.jsonl changed"),  # input gone
+    (RECORD, MANIFEST, False, SHAS, "fp2", True, "outputs were rewritten"),           # e.g. another run's 01
+])
+def test_decide(record, manifest, forced, shas, fingerprint, run, why):
+    got_run, got_why = driver.decide(STAGE, record, manifest, forced, shas.get, lambda paths: fingerprint)
+    assert got_run == run
+    assert why in got_why
+
+
+def test_stage_record_then_decide_skips(tmp_path):
+    """What stage_record stores is what decide compares: a completed stage is skipped until a file changes."""
+    data, ckpt = tmp_path / "train.jsonl", tmp_path / "ckpt"
+    data.write_text("a\n")
+    ckpt.mkdir()
+    (ckpt / "adapter.bin").write_bytes(b"w")
+    stage = Stage("03_sft", "03_sft_train.py", ("--x",), str(tmp_path), str(tmp_path / "manifest.json"), "SFT",
+                  inputs=(str(data),))
+    manifest = {"status": "complete", "finished_at": "T1", "outputs": {"final": str(ckpt)},
+                "inputs": {"train": {"path": str(data), "sha256": driver_sha(data)}}}
+    record = driver.stage_record(stage, manifest, 12.34, driver_sha, driver.stat_fingerprint, "log")
+    assert record["inputs"] == {str(data): driver_sha(data)} and record["duration_s"] == 12.3
+    assert record["argv"] == ["03_sft_train.py", "--x"] and record["command"] == "python 03_sft_train.py --x"
+    check = lambda: driver.decide(stage, record, manifest, False, driver_sha, driver.stat_fingerprint)[0]
+    assert check() is False
+    time.sleep(0.01)
+    (ckpt / "adapter.bin").write_bytes(b"w")      # same bytes, rewritten: the outputs are not the recorded ones
+    assert check() is True
+    record = driver.stage_record(stage, manifest, 1, driver_sha, driver.stat_fingerprint, "log")
+    data.write_text("b\n")                        # an input changed
+    assert check() is True
+
+
+def driver_sha(path):
+    from utils.runs import sha256_path
+    return sha256_path(path) if Path(path).exists() else None
+
+
+def test_stat_fingerprint(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("x")
+    first = driver.stat_fingerprint([tmp_path / "d"])
+    assert driver.stat_fingerprint([str(tmp_path / "d")]) == first           # str or Path
+    (tmp_path / "d" / "g").write_text("y")
+    assert driver.stat_fingerprint([tmp_path / "d"]) != first                # a new file
+    assert driver.stat_fingerprint([tmp_path / "missing"]) != driver.stat_fingerprint([])  # a missing output counts
+
+
+# --- README ---
+SUMMARY_CSV = ("run,policy,method,seed,n,exec_acc,exec_acc_ci_low,exec_acc_ci_high,prog_acc,format_rate,reward_mean,"
+               "model\nr1,sft,sft,42,16,0.125,0.0,0.3125,0.0625,1.0,0.41,m\n")
+
+
+def test_summary_table():
+    assert driver.summary_table(SUMMARY_CSV).splitlines() == [
+        "| policy | method | seed | n | exec_acc | exec_acc_ci_low | exec_acc_ci_high | prog_acc | format_rate | reward_mean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sft | sft | 42 | 16 | 0.125 | 0.000 | 0.312 | 0.062 | 1.000 | 0.410 |"]   # integers stay integers
+
+
+def test_readme_text():
+    stages = driver.plan(opts(methods=("grpo",), quick_test=True))
+    info = {"run_id": "r1", "command": "python 12_driver.py --method grpo --quick_test", "methods": ["grpo"],
+            "seeds": [42], "dataset": "finqa", "data_dir": "data", "context_mode": "retrieved", "quick_test": True,
+            "config": CFG, "algo_config": None, "overrides": [], "model": "smollm2-135m", "model_path": "models/x",
+            "git_commit": "abc"}
+    text = driver.readme_text(info, stages, SUMMARY_CSV)
+    for part in ("# Run r1", "Goal: compare GRPO", "| seeds | 42 |", "| context mode | retrieved |",
+                 "| quick_test | yes", "python 03_sft_train.py --output_dir out/r1/03_sft", "| sft | sft | 42 |",
+                 "[11_comparison/report.md](11_comparison/report.md)", "| git commit | abc |"):
+        assert part in text, part
+    assert "Not available yet" in driver.readme_text(info, stages, None)
+
+
+# --- end to end ---
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """Raw FinQA-format files (synthetic), a tiny model, and the driver's command with the smallest budgets."""
+    from utils.modeling import build_tiny_model
+    from utils.runs import atomic_write_json
+    from utils.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("driver")
+    for split, examples in generate(60, seed=0).items():
+        atomic_write_json(tmp / "raw" / f"{split}.json", examples)
+    tiny = build_tiny_model(tmp / "tiny")
+    command = [sys.executable, "12_driver.py", "--method", "all", "--quick_test", "--run_id", "e2e",
+               "--data_root", tmp / "raw", "--paths.output_root", tmp / "outputs", "--paths.data_dir", tmp / "data",
+               "--model.name_or_path", tiny, "--model.dtype", "float32", *TINY_BUDGETS]
+    return tmp, [str(part) for part in command]
+
+
+TINY_BUDGETS = ["--training.max_steps", "1", "--validation.num_samples", "2", "--validation.max_new_tokens", "8",
+                "--generation.max_new_tokens", "8", "--training.per_device_train_batch_size", "2",
+                "--training.gradient_accumulation_steps", "2"]
+
+
+def run_driver(command, *extra):
+    return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_driver_end_to_end_then_resume(e2e):
+    tmp, command = e2e
+    done = run_driver(command)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run = tmp / "outputs" / "e2e"
+    for path in ("03_sft/ckpt_sft/final", "05_ppo/ckpt_ppo/final", "06_grpo/ckpt_grpo/final",
+                 "07_rloo/ckpt_rloo/final", "09_dpo/ckpt_dpo/final", "11_comparison/report.md", "run_manifest.json",
+                 "README.md", *(f"10_evaluation/{p}/metrics.json" for p in ("base", "sft", "ppo", "grpo", "rloo", "dpo"))):
+        assert (run / path).exists(), path
+    report = (run / "11_comparison" / "report.md").read_text()
+    assert all(method in report for method in ("base", "sft", "ppo", "grpo", "rloo", "dpo"))
+    state = json.loads((run / "run_manifest.json").read_text())
+    assert state["status"] == "complete" and state["methods"] == ["ppo", "grpo", "rloo", "dpo"]
+    assert len(state["stages"]) == 17 and all(r["status"] == "complete" for r in state["stages"].values())
+    assert all(Path(r["manifest"]).is_file() and Path(r["log"]).is_file() for r in state["stages"].values())
+    assert "| ppo |" in (run / "README.md").read_text()
+    assert not (REPO / "outputs" / "e2e").exists()           # everything went to tmp_path
+
+    t0 = time.monotonic()
+    again = run_driver(command)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert again.stdout.count(": skipped (") == 17, again.stdout
+    assert time.monotonic() - t0 < 30
+
+    forced = run_driver(command, "--force", "11_comparison", "--dry_run")  # the plan names what would rerun
+    assert "11_comparison: run (forced" in forced.stdout and forced.stdout.count(": skip (") == 16

@@ -1,0 +1,209 @@
+"""GRPO and RLOO: the leave-one-out baseline and RLOO's sample log against hand-computed values,
+then 06_grpo_train.py and 07_rloo_train.py as subprocesses on a tiny random model (quick test,
+checkpoints, logs, validation files, manifest, --resume)."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import defaultdict, deque
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+# the tiny random llama, a non-zero "SFT" LoRA adapter on it, synthetic train/val data
+from tests.test_ppo import ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
+from utils.rl import LeaveOneOutSampleLog, leave_one_out_baselines, resolve_policy_ckpt
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- leave-one-out baseline ---
+@pytest.mark.parametrize("rewards, k, expected", [
+    ([1.0, 0.0, 0.0, 1.0], 2, [0.0, 1.0, 1.0, 0.0]),          # pairs: each one's baseline is the other
+    ([1.0, 2.0, 3.0], 3, [2.5, 2.0, 1.5]),                    # (2+3)/2, (1+3)/2, (1+2)/2
+    ([0.5, 0.5, 0.5, 0.5], 4, [0.5, 0.5, 0.5, 0.5]),          # equal rewards: advantage 0 everywhere
+    ([1.3, -0.2, 0.8, -0.2, 4.0, 0.0], 3, [0.3, 1.05, 0.55, 2.0, -0.1, 1.9]),  # two groups, never mixed
+])
+def test_leave_one_out_baselines(rewards, k, expected):
+    assert leave_one_out_baselines(rewards, k) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("rewards, k", [
+    ([1.0, 2.0], 1),          # no other sample to average
+    ([1.0, 2.0, 3.0], 2),     # 3 rewards do not make groups of 2
+])
+def test_leave_one_out_baselines_rejects_bad_groups(rewards, k):
+    with pytest.raises(ValueError):
+        leave_one_out_baselines(rewards, k)
+
+
+class FakeRLOOTrainer:
+    """What LeaveOneOutSampleLog reads from TRL's RLOOTrainer after it scores a batch: the
+    per-function rewards and advantages of the gathered batch at the end of deques (older
+    batches before them), the reward names, weights and group size."""
+    reward_func_names = ["exact", "format"]
+    reward_weights = torch.tensor([1.0, -0.2])
+    num_generations = 2
+
+    def __init__(self, step):
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SimpleNamespace(is_main_process=True)
+        self.state = SimpleNamespace(global_step=step)
+        self._logs = {"rewards": defaultdict(deque), "advantages": deque()}
+        self._logs["rewards"]["exact"].extend([9.0, 9.0])    # an older batch: must be ignored
+        self._logs["rewards"]["format"].extend([9.0, 9.0])
+
+    def _generate_and_score_completions(self, inputs):
+        self._logs["rewards"]["exact"].extend([1.0, 0.0, 0.0, 0.0])
+        self._logs["rewards"]["format"].extend([0.0, 1.0, 0.0, 1.0])
+        self._logs["advantages"].extend([1.2, -1.2, 0.2, -0.2])
+        return "trl output"
+
+
+def test_sample_log_writes_totals_loo_baselines_and_drops_steps_redone_after_resume(tmp_path):
+    path = tmp_path / "rloo_samples.jsonl"
+    # an interrupted run logged steps 4 and 5; the resumed trainer (global_step 4) redoes step 5
+    path.write_text("".join(json.dumps({"step": s, "reward": 0.0}) + "\n" for s in (4, 5)))
+
+    class Trainer(LeaveOneOutSampleLog, FakeRLOOTrainer):
+        samples_path = path
+
+    trainer = Trainer(step=4)
+    inputs = [{"id": "a"}, {"id": "a"}, {"id": "b"}, {"id": "b"}]
+    assert trainer._generate_and_score_completions(inputs) == "trl output"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 5, 5, 5, 5]   # the old step 5 replaced by the new batch
+    new = rows[1:]
+    # totals = exact - 0.2 x format: [1.0, -0.2, 0.0, -0.2]
+    # baselines, groups (a, a), (b, b): [-0.2, 1.0, -0.2, 0.0]
+    assert [r["reward"] for r in new] == pytest.approx([1.0, -0.2, 0.0, -0.2])
+    assert [r["baseline"] for r in new] == pytest.approx([-0.2, 1.0, -0.2, 0.0])
+    assert [r["advantage"] for r in new] == pytest.approx([1.2, -1.2, 0.2, -0.2])   # TRL's, as given
+    assert [(r["id"], r["group"]) for r in new] == [("a", 0), ("a", 0), ("b", 1), ("b", 1)]
+    assert new[1]["rewards"] == {"exact": 0.0, "format": 1.0}
+
+
+def test_resolve_policy_ckpt_finds_sft_best(tmp_path):
+    best = tmp_path / "run_001" / "03_sft" / "ckpt_sft" / "best"
+    best.mkdir(parents=True)
+    (best / "adapter_config.json").write_text("{}")
+    for given in (best, best.parent, best.parent.parent, tmp_path / "run_001"):  # checkpoint, ckpt_sft, module, run
+        assert resolve_policy_ckpt(given) == best
+    with pytest.raises(FileNotFoundError, match="03_sft_train.py"):
+        resolve_policy_ckpt(tmp_path / "nothing")
+
+
+def test_rloo_baseline_other_than_loo_is_a_config_error():
+    done = subprocess.run([sys.executable, "07_rloo_train.py", "--algorithm.baseline", "mean"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--algorithm.baseline: cannot use 'mean': expected one of 'loo'" in done.stderr
+
+
+# --- 06 / 07 on a tiny random model ---
+def rl_command(script: str, root: Path, out: Path, *extra: str) -> list[str]:
+    return [script, "--quick_test", "--policy_ckpt", str(root / "sft"),
+            "--train_jsonl", str(root / "data" / "train.jsonl"), "--val_jsonl", str(root / "data" / "val.jsonl"),
+            "--output_dir", str(out), "--model.name_or_path", str(root / "tiny"), *extra]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(ppo_inputs):  # noqa: F811
+    out = ppo_inputs / "grpo"
+    run_script(rl_command("06_grpo_train.py", ppo_inputs, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rloo_run(ppo_inputs):  # noqa: F811
+    out = ppo_inputs / "rloo"
+    # beta 0: TRL's advantage is then exactly reward - baseline, which checks the logged baseline
+    # against the one RLOOTrainer used
+    run_script(rl_command("07_rloo_train.py", ppo_inputs, out, "--algorithm.beta", "0.0"))
+    return out
+
+
+STEP_KEYS = ("reward", "reward_std", "rewards/exact/mean", "rewards/numeric/mean", "rewards/program/mean",
+             "rewards/format/mean", "entropy", "completions/mean_length", "clip_ratio/region_mean", "loss",
+             "grad_norm", "learning_rate", "step_time", "train/tokens_per_s")
+
+
+def check_outputs(out: Path, module: str, steps=(1, 2)) -> list[dict]:
+    """The layout every RL method shares; returns the training log entries."""
+    from utils.modeling import load_model
+
+    method = module.split("_")[1]
+    for name in (*(f"step_{s}" for s in steps), "best", "final"):
+        folder = out / f"ckpt_{method}" / name
+        for file in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "tokenizer.json"):
+            assert (folder / file).is_file(), f"{folder / file} missing"
+        assert not (folder / "ref").exists(), "TRL's frozen reference adapter must not be saved with the policy"
+    assert load_model(str(out / f"ckpt_{method}" / "final"), dtype="float32", device="cpu") is not None
+
+    log = json.loads((out / "logs" / "training_log.json").read_text())["log_history"]
+    updates = [entry for entry in log if "reward" in entry]
+    assert [entry["step"] for entry in updates] == list(steps)
+    for entry in updates:
+        missing = [key for key in STEP_KEYS if key not in entry]
+        assert not missing, f"step {entry['step']} lacks {missing}"
+        assert all(math.isfinite(entry[key]) for key in STEP_KEYS)
+    validations = [entry for entry in log if "val/exec_acc" in entry]
+    assert validations[-1]["step"] == steps[-1]
+    assert {"val/reward_mean", "val/format_rate"} <= set(validations[-1])
+    best = json.loads((out / f"ckpt_{method}" / "best" / "validation.json").read_text())
+    assert best["step"] in [entry["step"] for entry in validations] and "exec_acc" in best["metrics"]
+
+    rows = [json.loads(line) for line in (out / "val_generations" / f"step_{steps[-1]}.jsonl").read_text().splitlines()]
+    assert len(rows) == 4   # --quick_test: 4 validation examples
+    assert all({"step", "id", "completion", "total", "exact", "format", "exec_correct"} <= set(row) for row in rows)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["module"] == module
+    for key in ("started_at", "finished_at", "duration_s", "command", "args", "config", "seed", "git", "versions",
+                "device", "inputs", "outputs", "metrics"):
+        assert key in manifest, f"manifest lacks {key}"
+    assert {"train", "val", "policy_ckpt"} <= set(manifest["inputs"])
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["inputs"].values())
+    assert {"final", "best", "training_log", "val_generations"} <= set(manifest["outputs"])
+    assert manifest["config"]["algorithm"]["num_generations"] == 2     # --quick_test
+    assert manifest["metrics"]["global_step"] == steps[-1]
+    assert manifest["metrics"]["final_reward"] == pytest.approx(updates[-1]["reward"])
+    return updates
+
+
+@pytest.mark.slow
+def test_grpo_quick_test(grpo_run):
+    updates = check_outputs(grpo_run, "06_grpo")
+    # the reference is the SFT policy (TRL's frozen copy of the adapter), so at step 1, before any
+    # update, the KL is exactly 0; against the base model it would be ~1e-4 with this adapter
+    assert updates[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_rloo_quick_test_logs_rewards_and_loo_baselines(rloo_run):
+    check_outputs(rloo_run, "07_rloo")
+    rows = [json.loads(line) for line in (rloo_run / "logs" / "rloo_samples.jsonl").read_text().splitlines()]
+    # 2 steps x (4 completions = 2 prompts x num_generations 2)
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
+    for start in range(0, len(rows), 2):
+        group = rows[start:start + 2]
+        assert group[0]["id"] == group[1]["id"] and group[0]["group"] == group[1]["group"]
+        for row, other in ((group[0], group[1]), (group[1], group[0])):
+            assert row["baseline"] == pytest.approx(other["reward"])   # k = 2: the other sample's reward
+            # the total is the weighted sum of the components (the default spec's weights)
+            weighted = sum(w * row["rewards"][name] for name, w in
+                           (("exact", 1.0), ("numeric", 0.8), ("program", 0.3), ("format", -0.2)))
+            assert row["reward"] == pytest.approx(weighted, abs=1e-6)
+            assert row["advantage"] == pytest.approx(row["reward"] - row["baseline"], abs=1e-6)  # beta 0
+
+
+@pytest.mark.slow
+def test_grpo_resume_continues_from_step_2(grpo_run, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(grpo_run, out)
+    run_script(rl_command("06_grpo_train.py", grpo_run.parent, out, "--max_steps", "3", "--resume"))
+    check_outputs(out, "06_grpo", steps=(1, 2, 3))
+    assert (out / "trainer" / "checkpoint-3").is_dir()

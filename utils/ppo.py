@@ -1,0 +1,638 @@
+"""PPO for a LoRA language-model policy, written out in one module (CleanRL style).
+
+    trainer = PPOTrainer(cfg, model, tokenizer, spec, accelerator)
+    for step in range(1, hp.max_steps + 1):
+        metrics = trainer.step(prompt_batch(train, step), step)   # one rollout and its updates
+
+One step, after Ziegler et al. (2019) "Fine-Tuning Language Models from Human Preferences"
+and the InstructGPT recipe (Ouyang et al. 2022), in TRL's names:
+  1. rollout   sample one completion per prompt from the policy (temperature, top_p).
+  2. score     R = utils.rewards.score(completion).total; normalized by running mean/std and
+               clipped to +-reward_clip.
+  3. forward   log-probs of the sampled tokens under the policy (old) and the reference (the
+               SFT model: the same network with the LoRA adapter disabled), and values V_t.
+  4. reward    r_t = -kl_coef (log pi(a_t) - log pi_ref(a_t)), plus R on the last token.
+  5. GAE       delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns = A + V.
+  6. update    ppo_epochs passes over num_mini_batches mini-batches of
+               loss = L_clip + vf_coef L_V - entropy_coef H, stopping early once approx-KL > max_approx_kl.
+  7. KL ctl    kl_coef *= 1 + clip(KL / target_kl - 1, -0.2, 0.2) * n / horizon  (adaptive_kl).
+
+Tensors of a rollout are [batch, response_length]: responses are right-padded after their EOS and
+`mask` is 1 on response tokens (EOS included), so every response is a prefix of its row.
+The math (section "math") is pure functions, unit-tested against hand-computed values.
+Randomness is derived from (seed, step, process), so a resumed run samples what the
+uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LogitsProcessorList
+
+from utils.generation import FiniteLogitsCheck, _eos_ids, _left_pad
+from utils.rewards import COMPONENTS, RewardSpec, score
+
+
+# --- hyperparameters ---
+@dataclass(frozen=True)
+class PPOHyperparams:
+    """Every number PPO uses, in one place (configs/algorithms/ppo.yaml explains each value)."""
+    rollout_batch_size: int      # prompts per step, over all processes
+    ppo_epochs: int              # passes over each rollout
+    num_mini_batches: int        # gradient steps per pass
+    clip_range: float            # epsilon of the clipped surrogate
+    clip_range_value: float      # how far values may move from the rollout's values
+    kl_coef: float               # initial beta of the per-token KL penalty
+    adaptive_kl: bool
+    target_kl: float             # nats per completion the adaptive controller aims for
+    kl_horizon: int              # controller horizon, in samples
+    gamma: float
+    lam: float
+    vf_coef: float
+    entropy_coef: float
+    whiten_rewards: bool
+    normalize_rewards: bool
+    reward_clip: float
+    max_approx_kl: float         # early-stop bound of an update
+    temperature: float           # rollout sampling; log-probs use the same temperature
+    top_p: float
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float
+    max_steps: int
+    warmup_ratio: float
+    lr_scheduler_type: str
+    micro_batch_size: int        # sequences per forward/backward (training.per_device_train_batch_size)
+    max_new_tokens: int          # rollout completion budget (generation.max_new_tokens)
+    generation_batch_size: int   # prompts per generate call (generation.batch_size)
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "PPOHyperparams":
+        algo, train, gen = cfg["algorithm"], cfg["training"], cfg["generation"]
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in algo.items() if k in names}
+        values.update(learning_rate=train["learning_rate"], weight_decay=train["weight_decay"],
+                      max_grad_norm=train["max_grad_norm"], max_steps=train["max_steps"],
+                      warmup_ratio=train["warmup_ratio"], lr_scheduler_type=train["lr_scheduler_type"],
+                      micro_batch_size=train["per_device_train_batch_size"], seed=train["seed"],
+                      max_new_tokens=gen["max_new_tokens"], generation_batch_size=gen["batch_size"])
+        return cls(**values)
+
+
+# --- math ---
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of x over positions where mask is 1."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; shift_mean=False keeps the mean (TRL's reward whitening)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materializing the whole log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy per position: H = logsumexp(z) - sum softmax(z) z."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def kl_penalty_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                       mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards with the KL penalty (Ziegler et al. 2019, eq. 2).
+
+    r_t = -kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)), and the sequence score is added on
+    the last response token: the reward model judges the whole completion once.
+    Args: scores [B]; logprobs, ref_logprobs, mask [B, T].
+    Returns: (rewards [B, T], kl [B, T]) where kl is the per-token k1 estimate (0 on padding).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # responses are prefixes: the last 1 of each row
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016), backwards over response tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t           (TD error; V after the last token is 0)
+    A_t     = delta_t + gamma lam A_{t+1}
+    returns = A + V                               (the value head's regression target)
+    Padding is zeroed first, so the state after a response's last token is worth 0 and no
+    advantage flows back from padding. Returns (advantages, returns), both 0 on padding.
+    """
+    rewards, values = rewards * mask, values * mask
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimize.
+
+    ratio  = exp(log pi - log pi_old)
+    L_clip = -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)] = E[max(-ratio A, -clip(ratio) A)]
+    Returns (loss, clipfrac: share of tokens where the clipped term is the active one,
+    approx_kl: the k3 estimator E[(ratio - 1) - log ratio] of KL(pi_old || pi)).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (the PPO2 baselines' value clipping).
+
+    V_clip = V_old + clip(V - V_old, -c, c)
+    L_V    = 0.5 E[max((V - R)^2, (V_clip - R)^2)]
+    Returns (loss, clipfrac: share of tokens where the clipped term is the larger).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 = perfect value head, 0 = no better than a constant."""
+    var_returns = masked_var(returns, mask)
+    if float(var_returns) == 0.0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_returns)
+
+
+class FixedKLController:
+    """kl_coef stays as configured (adaptive_kl: false)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019), section 2.2: a proportional controller on the KL coefficient.
+
+    e        = clip(KL / target - 1, -0.2, 0.2)
+    kl_coef *= 1 + e * n_steps / horizon          (n_steps: samples in this rollout)
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+class RunningMoments:
+    """Running mean and (population) variance of every reward seen, merged batch by batch (Chan et al.)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.double()
+        n, batch_mean, batch_var = xs.numel(), float(xs.mean()), float(xs.var(unbiased=False))
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def normalize(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs - self.mean) / (self.std + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+# --- model ---
+class PolicyWithValueHead(nn.Module):
+    """The LoRA policy and a linear value head on its last-layer hidden states (one backbone).
+
+    One module, so accelerate wraps policy and value head together (DDP syncs both), and the
+    value loss also shapes the shared LoRA features, as in Ziegler et al.'s shared-trunk setup.
+    """
+
+    def __init__(self, policy: nn.Module, hidden_size: int):
+        super().__init__()
+        self.policy = policy  # a peft model: base weights frozen, LoRA trainable
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no made-up baseline
+        nn.init.zeros_(self.value_head.bias)
+
+    @staticmethod
+    def _inputs(input_ids, attention_mask, response_length, **extra) -> dict:
+        # left padding: positions count real tokens only, as generate() numbers them
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # logits only where they predict response tokens: [B, R, vocab] instead of [B, P + R, vocab]
+        return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=response_length + 1, use_cache=False, **extra)
+
+    def forward(self, input_ids, attention_mask, response_length: int):
+        """(logits [B, R, vocab] float32, values [B, R]) at the positions that emit the response."""
+        out = self.policy(**self._inputs(input_ids, attention_mask, response_length, output_hidden_states=True))
+        hidden = out.hidden_states[-1][:, -response_length - 1:-1]  # the state before each response token
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return out.logits[:, :-1].float(), values
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+        """Logits of the reference policy: the same network with the LoRA adapter switched off."""
+        with self.policy.disable_adapter():
+            out = self.policy(**self._inputs(input_ids, attention_mask, response_length))
+        return out.logits[:, :-1].float()
+
+
+def build_policy(base_model, cfg: dict, adapter_dir: str | Path | None = None) -> PolicyWithValueHead:
+    """Wrap the (SFT-merged) base model with a LoRA adapter and a value head.
+
+    The SFT adapter was merged into base_model's weights at load time, so the reference policy,
+    `with policy.disable_adapter()`, is the SFT model itself, and the trainable adapter starts
+    at zero (LoRA's B = 0): at step 0 policy and reference are the same, KL = 0. No second copy
+    of the model is held. adapter_dir (a PPO checkpoint) resumes a trained adapter and value head.
+    """
+    from peft import PeftModel, get_peft_model
+
+    from utils.training import lora_config
+
+    for param in base_model.parameters():
+        param.requires_grad_(False)
+    if cfg["training"]["gradient_checkpointing"]:
+        # non-reentrant: gradients reach the LoRA weights although the inputs need no grad
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_dir is None:
+        policy = get_peft_model(base_model, lora_config(cfg))
+    else:
+        policy = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
+    model = PolicyWithValueHead(policy, base_model.config.hidden_size).to(base_model.device)
+    if adapter_dir is not None:
+        model.value_head.load_state_dict(torch.load(Path(adapter_dir) / "value_head.pt", weights_only=True))
+    disable_dropout(model)
+    model.train()  # for gradient checkpointing, which runs in train mode only; dropout is off
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off for the whole run (as TRL's disable_dropout_in_model): the rollout's log-probs
+    and the update's must come from the same function, or the ratio is not 1 at the first update."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout (llama, qwen2)
+            module.attention_dropout = 0.0
+
+
+# --- rollout ---
+@dataclass
+class Rollout:
+    """One sampled completion per prompt, as token ids: [prompt, left-padded | response, right-padded]."""
+    query_response: torch.Tensor   # [B, P + R]
+    attention_mask: torch.Tensor   # [B, P + R]
+    mask: torch.Tensor             # [B, R] 1 on response tokens up to and including EOS
+    texts: list[str]               # decoded responses (special tokens removed), for scoring
+    truncated: list[bool]          # no EOS within max_new_tokens
+
+    @property
+    def response_length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.query_response[:, -self.response_length:]
+
+
+def sample_rollout(policy, tokenizer, prompts: list[list[dict]], hp: PPOHyperparams, seed: int,
+                   device) -> Rollout:
+    """Sample one completion per chat prompt and keep the token ids (the text alone is not
+    enough: re-tokenizing decoded text need not give back the sampled tokens).
+
+    Uses utils.generation's padding, EOS and NaN-logit handling; sampling is seeded (seed +
+    chunk index) inside a forked RNG, as utils.generation.generate does.
+    """
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    queries = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template writes the specials
+    eos_ids = _eos_ids(policy, tokenizer)
+    eos_set = set(eos_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    responses: list[list[int]] = []
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = policy.training
+    policy.eval()  # the KV cache is off in train mode when gradient checkpointing is on
+    try:
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            for chunk, start in enumerate(range(0, len(queries), hp.generation_batch_size)):
+                batch = _left_pad(queries[start:start + hp.generation_batch_size], pad_id, device)
+                width = batch["input_ids"].shape[1]
+                torch.manual_seed(seed + chunk)
+                output = policy.generate(**batch, max_new_tokens=hp.max_new_tokens, do_sample=True,
+                                         temperature=hp.temperature, top_p=hp.top_p, top_k=0, use_cache=True,
+                                         pad_token_id=pad_id, eos_token_id=eos_ids,
+                                         logits_processor=LogitsProcessorList([FiniteLogitsCheck(width, None)]))
+                for row in output[:, width:].tolist():
+                    end = next((t + 1 for t, token in enumerate(row) if token in eos_set), len(row))
+                    responses.append(row[:end])
+    finally:
+        policy.train(was_training)
+
+    # one tensor for the batch: prompts left-padded to the longest, responses right-padded
+    prompt_width, length = max(map(len, queries)), max(map(len, responses))
+    ids, attention, mask = [], [], []
+    for query, response in zip(queries, responses):
+        gap, tail = prompt_width - len(query), length - len(response)
+        ids.append([pad_id] * gap + query + response + [pad_id] * tail)
+        attention.append([0] * gap + [1] * (len(query) + len(response)) + [0] * tail)
+        mask.append([1] * len(response) + [0] * tail)
+    as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
+    return Rollout(query_response=as_tensor(ids, torch.long), attention_mask=as_tensor(attention, torch.long),
+                   mask=as_tensor(mask, torch.float32),
+                   texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+                   truncated=[not (r and r[-1] in eos_set) for r in responses])
+
+
+# --- trainer ---
+class PPOTrainer:
+    """State of a PPO run (model, optimizer, schedule, KL controller, reward statistics) and its step.
+
+    Args:
+        cfg: the resolved config (needs the `algorithm` section of configs/algorithms/ppo.yaml).
+        model: a PolicyWithValueHead (from build_policy), not yet prepared.
+        tokenizer: the policy's tokenizer.
+        spec: the reward spec.
+        accelerator: an accelerate.Accelerator; model and optimizer are prepared here.
+    """
+
+    def __init__(self, cfg: dict, model: PolicyWithValueHead, tokenizer, spec: RewardSpec, accelerator):
+        from transformers import get_scheduler
+
+        self.cfg, self.hp = cfg, (hp := PPOHyperparams.from_config(cfg))
+        self.tokenizer, self.spec, self.accelerator = tokenizer, spec, accelerator
+        world = accelerator.num_processes
+        if hp.rollout_batch_size % world:
+            raise ValueError(f"algorithm.rollout_batch_size {hp.rollout_batch_size} must be divisible by the "
+                             f"number of processes ({world}): set --algorithm.rollout_batch_size")
+        self.local_batch_size = hp.rollout_batch_size // world
+        if self.local_batch_size % hp.num_mini_batches:
+            raise ValueError(f"algorithm.rollout_batch_size per process ({self.local_batch_size}) must be "
+                             f"divisible by algorithm.num_mini_batches ({hp.num_mini_batches})")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.params = params
+        # the schedule advances once per PPO step: early stopping makes the update count vary
+        self.scheduler = get_scheduler(hp.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=math.ceil(hp.warmup_ratio * hp.max_steps),
+                                       num_training_steps=max(hp.max_steps, 1))
+        self.kl_controller = (AdaptiveKLController(hp.kl_coef, hp.target_kl, hp.kl_horizon) if hp.adaptive_kl
+                              else FixedKLController(hp.kl_coef))
+        self.reward_moments = RunningMoments()
+
+    @property
+    def unwrapped(self) -> PolicyWithValueHead:
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- one step ---
+    def step(self, examples: list[dict], step: int) -> dict:
+        """Rollout on this process's examples, then the PPO update; returns metrics over all processes.
+
+        TRL's names: reward, reward_std (raw scores), rewards/<component>/mean (weighted components),
+        kl (mean per-completion sum of log pi - log pi_ref over response tokens), entropy (mean
+        per-token, in the updates), completions/mean_length, completions/clipped_ratio (no EOS),
+        loss, grad_norm (before clipping), learning_rate, train/tokens_per_s (generated tokens per
+        second of the whole step). Ours, under ppo/: policy_loss, value_loss, clipfrac,
+        value_clipfrac, approx_kl (k3, means over the updates taken), explained_variance (rollout
+        values vs returns), kl_coef (used this step), returns_mean, values_mean,
+        advantages_mean (before whitening), reward_running_mean/std, updates (mini-batch steps
+        taken), early_stopped; time/generate_s, time/step_s.
+        """
+        started = time.perf_counter()
+        seed = self.hp.seed + 100_003 * step + 1_009 * self.accelerator.process_index  # per step and process
+        kl_coef = self.kl_controller.value
+        experience = self.collect(examples, seed, kl_coef)
+        generate_s = experience.pop("generate_s")
+        stats = self.update(experience, seed)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()  # once per PPO step: early stopping makes the update count vary
+        metrics = self.summarize(experience, stats)
+        self.kl_controller.update(metrics["kl"], n_steps=self.hp.rollout_batch_size)
+        elapsed = time.perf_counter() - started
+        generated_tokens = metrics.pop("generated_tokens")
+        metrics.update({"learning_rate": learning_rate, "train/tokens_per_s": generated_tokens / elapsed,
+                        "ppo/kl_coef": kl_coef, "time/generate_s": generate_s, "time/step_s": elapsed})
+        return metrics
+
+    def collect(self, examples: list[dict], seed: int, kl_coef: float) -> dict:
+        """Rollout, scores, old/reference log-probs, values, KL-penalized rewards, GAE."""
+        acc, hp, model = self.accelerator, self.hp, self.unwrapped
+        started = time.perf_counter()
+        # --- rollout ---
+        rollout = sample_rollout(model.policy, self.tokenizer, [e["prompt"] for e in examples], hp, seed,
+                                 acc.device)
+        generate_s = time.perf_counter() - started
+        results = [score(text, example, self.spec) for text, example in zip(rollout.texts, examples)]
+        scores = torch.tensor([r.total for r in results], dtype=torch.float32, device=acc.device)
+        mask, responses, length = rollout.mask, rollout.responses, rollout.response_length
+        logprobs, ref_logprobs, values = [], [], []
+        with torch.no_grad():
+            for rows in self._chunks(len(examples), hp.micro_batch_size):
+                ids, attention = rollout.query_response[rows], rollout.attention_mask[rows]
+                logits, value = model(ids, attention, length)
+                logprobs.append(logprobs_from_logits(logits / hp.temperature, responses[rows]))
+                values.append(value.float())
+                ref_logits = model.reference_logits(ids, attention, length)
+                ref_logprobs.append(logprobs_from_logits(ref_logits / hp.temperature, responses[rows]))
+        logprobs, ref_logprobs, values = (torch.cat(x) for x in (logprobs, ref_logprobs, values))
+
+        # --- rewards: normalized, clipped score + per-token KL penalty ---
+        if hp.normalize_rewards:
+            self.reward_moments.update(acc.gather(scores))  # the same statistics on every process
+            shaped = self.reward_moments.normalize(scores)
+        else:
+            shaped = scores
+        shaped = shaped.clamp(-hp.reward_clip, hp.reward_clip)
+        rewards, kl = kl_penalty_rewards(shaped, logprobs, ref_logprobs, mask, kl_coef)
+        if hp.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+        # --- advantages (GAE), whitened over response tokens ---
+        advantages, returns = compute_gae(rewards, values, mask, hp.gamma, hp.lam)
+        return {"rollout": rollout, "results": results, "scores": scores, "logprobs": logprobs,
+                "values": values, "kl": kl, "raw_advantages": advantages, "advantages": masked_whiten(advantages, mask),
+                "returns": returns, "generate_s": generate_s}
+
+    def update(self, experience: dict, seed: int) -> dict[str, list[float]]:
+        """ppo_epochs passes over num_mini_batches shuffled mini-batches; stops early once approx-KL
+        exceeds max_approx_kl. Returns each statistic per mini-batch update."""
+        acc, hp = self.accelerator, self.hp
+        rollout = experience["rollout"]
+        mask, responses, length = rollout.mask, rollout.responses, rollout.response_length
+        stats = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac",
+                                 "approx_kl", "entropy", "grad_norm")}
+        stats["early_stopped"] = [0.0]
+        size = len(responses)
+        mini_size = size // hp.num_mini_batches
+        generator = torch.Generator().manual_seed(seed)
+        for _epoch in range(hp.ppo_epochs):
+            order = torch.randperm(size, generator=generator).to(acc.device)
+            for start in range(0, size, mini_size):
+                mini = order[start:start + mini_size]
+                micro_batches = [mini[i:i + hp.micro_batch_size] for i in range(0, len(mini), hp.micro_batch_size)]
+                totals = dict.fromkeys(("policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac",
+                                        "approx_kl", "entropy"), 0.0)
+                self.optimizer.zero_grad()
+                for index, rows in enumerate(micro_batches):
+                    weight = len(rows) / len(mini)
+                    last = index == len(micro_batches) - 1  # all-reduce gradients once per mini-batch
+                    with nullcontext() if last else acc.no_sync(self.model):
+                        logits, values = self.model(rollout.query_response[rows], rollout.attention_mask[rows],
+                                                    length)
+                        logits = logits / hp.temperature
+                        m = mask[rows]
+                        pg_loss, clipfrac, approx_kl = policy_loss(
+                            logprobs_from_logits(logits, responses[rows]), experience["logprobs"][rows],
+                            experience["advantages"][rows], m, hp.clip_range)
+                        vf_loss, vf_clipfrac = value_loss(values.float(), experience["values"][rows],
+                                                          experience["returns"][rows], m, hp.clip_range_value)
+                        entropy = masked_mean(entropy_from_logits(logits), m)
+                        # loss = L_clip + vf_coef L_V - entropy_coef H
+                        loss = pg_loss + hp.vf_coef * vf_loss - hp.entropy_coef * entropy
+                        acc.backward(loss * weight)
+                    for name, value in zip(totals, (pg_loss, vf_loss, loss, clipfrac, vf_clipfrac, approx_kl,
+                                                    entropy)):
+                        totals[name] += float(value.detach()) * weight
+                grad_norm = acc.clip_grad_norm_(self.params, hp.max_grad_norm)
+                self.optimizer.step()
+                for name, value in totals.items():
+                    stats[name].append(value)
+                stats["grad_norm"].append(float(grad_norm))
+                # early stop on the mean over processes, so that every process stops together
+                if float(acc.reduce(torch.tensor(totals["approx_kl"], device=acc.device), "mean")) > hp.max_approx_kl:
+                    stats["early_stopped"] = [1.0]
+                    return stats
+        return stats
+
+    def summarize(self, experience: dict, stats: dict[str, list[float]]) -> dict:
+        """Step metrics: per-completion values gathered from every process, the rest averaged."""
+        acc = self.accelerator
+        rollout, results, mask = experience["rollout"], experience["results"], experience["rollout"].mask
+        columns = [experience["scores"], experience["kl"].sum(1), mask.sum(1),
+                   torch.tensor(rollout.truncated, dtype=torch.float32)]
+        columns += [torch.tensor([getattr(r, c) for r in results], dtype=torch.float32) for c in COMPONENTS]
+        completions = acc.gather(torch.stack([c.to(acc.device).float() for c in columns], dim=1))
+        values, returns = experience["values"], experience["returns"]
+        local = {name: sum(v) / len(v) for name, v in stats.items()}
+        local.update(updates=float(len(stats["loss"])),
+                     advantages_mean=float(masked_mean(experience["raw_advantages"], mask)),
+                     returns_mean=float(masked_mean(returns, mask)), values_mean=float(masked_mean(values, mask)),
+                     explained_variance=_nan_to_num(explained_variance(values, returns, mask)))
+        mean = dict(zip(local, acc.reduce(torch.tensor(list(local.values()), device=acc.device), "mean").tolist()))
+        return {
+            "reward": float(completions[:, 0].mean()),
+            "reward_std": float(completions[:, 0].std(unbiased=False)),
+            **{f"rewards/{c}/mean": float(completions[:, 4 + i].mean()) for i, c in enumerate(COMPONENTS)},
+            "kl": float(completions[:, 1].mean()),
+            "entropy": mean["entropy"],
+            "completions/mean_length": float(completions[:, 2].mean()),
+            "completions/clipped_ratio": float(completions[:, 3].mean()),
+            "loss": mean["loss"],
+            "grad_norm": mean["grad_norm"],
+            **{f"ppo/{name}": mean[name] for name in (
+                "policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "explained_variance",
+                "returns_mean", "values_mean", "advantages_mean", "updates", "early_stopped")},
+            "ppo/reward_running_mean": self.reward_moments.mean,
+            "ppo/reward_running_std": self.reward_moments.std,
+            "generated_tokens": float(completions[:, 2].sum()),
+        }
+
+    @staticmethod
+    def _chunks(n: int, size: int) -> list[slice]:
+        return [slice(i, i + size) for i in range(0, n, size)]
+
+    # --- checkpoints ---
+    def save(self, folder: str | Path, info: dict | None = None, resumable: bool = True,
+             extra: dict | None = None) -> Path:
+        """A checkpoint folder (utils.training.save_policy: adapter, tokenizer, config.yaml, `info`
+        as validation.json) plus value_head.pt and, when resumable, trainer_state.pt (optimizer,
+        schedule, KL controller, reward statistics, RNG and `extra`, e.g. the step).
+        Call on the main process only."""
+        from utils.training import save_policy
+
+        def write_extra(tmp: Path) -> None:
+            torch.save(self.unwrapped.value_head.state_dict(), tmp / "value_head.pt")
+            if resumable:
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "kl_controller": self.kl_controller.state_dict(),
+                            "reward_moments": self.reward_moments.state_dict(),
+                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                            "hyperparams": asdict(self.hp), "extra": extra or {}}, tmp / "trainer_state.pt")
+
+        return save_policy(self.unwrapped.policy, self.tokenizer, self.cfg, folder, info, write_extra=write_extra)
+
+    def load_state(self, folder: str | Path) -> dict:
+        """Restore trainer_state.pt (build_policy loads the adapter and value head); returns its `extra`."""
+        state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        return state["extra"]
+
+
+def _nan_to_num(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
