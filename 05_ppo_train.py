@@ -4,8 +4,7 @@
     python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.kl_coef 0.1
     python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --resume        # from the last step_N
     python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 05_ppo_train.py --quick_test \
-        --policy_ckpt outputs/run_001/03_sft
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 05_ppo_train.py --quick_test  # 2 CPU procs
 
 Each step samples one completion for each of algorithm.rollout_batch_size training prompts (over
 all processes), scores it with the reward spec and takes PPO updates (utils/ppo.py explains the
@@ -16,9 +15,10 @@ Writes outputs/<run_id>/05_ppo/:
   reference_model/         the SFT policy merged into the base: the KL reference, and the base
                            model every PPO adapter names (so utils.modeling.load_model loads them)
   ckpt_ppo/{step_N,best,final}/  LoRA adapter + value_head.pt + tokenizer + config.yaml
-                           (step_N also trainer_state.pt for --resume); best by val exec_acc,
-                           ties by val reward_mean
-  logs/training_log.json   one entry per step (TRL's names + ppo/*) and per validation (val/*)
+                           (+ validation.json where a validation ran; step_N also trainer_state.pt
+                           for --resume); best by val exec_acc, ties by val reward_mean
+  logs/training_log.json   {"log_history": [...]}: one entry per step (TRL's names + ppo/*, listed
+                           in utils.ppo.PPOTrainer.step) and one per validation (val/*)
   val_generations/step_N.jsonl   greedy validation generations, scored
   manifest.json
 """

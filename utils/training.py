@@ -140,7 +140,7 @@ def _portable(path: str) -> str:
 
 
 def save_policy(model, tokenizer, cfg: dict, folder, info: dict | None = None, write_extra=None) -> Path:
-    """Save a checkpoint folder: the model (a peft model saves its adapter only), the tokenizer,
+    """Save a checkpoint folder: the model (a peft model saves its active adapter only), the tokenizer,
     config.yaml (the resolved config) and, if given, `info` as validation.json. Written under a
     temporary name and renamed, so a crash never leaves half a checkpoint. write_extra(folder),
     if given, adds files before the rename (PPO: value_head.pt, trainer_state.pt)."""
@@ -149,7 +149,12 @@ def save_policy(model, tokenizer, cfg: dict, folder, info: dict | None = None, w
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp))
+        # a peft model holding several adapters (TRL's GRPO/RLOO add a frozen "ref" copy of the
+        # SFT adapter as the KL reference) saves the trained, active one only
+        from peft import PeftModel
+
+        several = isinstance(model, PeftModel) and len(model.peft_config) > 1
+        model.save_pretrained(str(tmp), **({"selected_adapters": [model.active_adapter]} if several else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         adapter_config = tmp / "adapter_config.json"
