@@ -269,3 +269,17 @@ def test_real_evaluation_outputs(tmp_path):
 def test_errors(args, message, tmp_path):
     done = run(*args, "--output_dir", tmp_path / "out")
     assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
+def test_error_bars_never_negative_when_mean_equals_a_degenerate_ci(tmp_path):
+    """Every policy at the floor: mean -0.2 up to rounding and CI [-0.2, -0.2] (the quick test's case)."""
+    from utils.plots import _errors, bars_by_policy
+
+    mean = sum([-0.2] * 16) / 16  # -0.20000000000000004
+    assert mean - -0.2 < 0
+    below, above = _errors([mean, 0.5], [-0.2, 0.25], [-0.2, 0.75])
+    assert below == [0.0, 0.25] and above == pytest.approx([0.0, 0.25]) and min(above) >= 0
+    policy = {"method": "sft", "seed": 42, "label": "sft", "exec_acc": 0.0, "exec_acc_ci_low": 0.0, "exec_acc_ci_high": 0.0,
+              "reward_mean": mean, "reward_mean_ci_low": -0.2, "reward_mean_ci_high": -0.2}
+    path = bars_by_policy([policy, {**policy, "method": "ppo", "label": "ppo"}], tmp_path / "bars.png")
+    assert Path(path).read_bytes()[:8] == PNG_MAGIC

@@ -63,9 +63,10 @@ def _empty(ax, text: str) -> None:
 
 
 def _errors(values, lows, highs):
-    """Asymmetric error bars; missing CIs draw none."""
-    below = [v - lo if None not in (v, lo) else 0.0 for v, lo in zip(values, lows)]
-    above = [hi - v if None not in (v, hi) else 0.0 for v, hi in zip(values, highs)]
+    """Asymmetric error bars; missing CIs draw none. Clamped at 0: a mean and a degenerate CI that are
+    equal up to rounding (mean -0.20000000000000004, CI [-0.2, -0.2]) give -3e-17, which matplotlib rejects."""
+    below = [max(0.0, v - lo) if None not in (v, lo) else 0.0 for v, lo in zip(values, lows)]
+    above = [max(0.0, hi - v) if None not in (v, hi) else 0.0 for v, hi in zip(values, highs)]
     return [below, above]
 
 
