@@ -283,3 +283,29 @@ def test_error_bars_never_negative_when_mean_equals_a_degenerate_ci(tmp_path):
               "reward_mean": mean, "reward_mean_ci_low": -0.2, "reward_mean_ci_high": -0.2}
     path = bars_by_policy([policy, {**policy, "method": "ppo", "label": "ppo"}], tmp_path / "bars.png")
     assert Path(path).read_bytes()[:8] == PNG_MAGIC
+
+
+def _policy_row(method, exec_acc, hours):
+    return {"label": method, "method": method, "n": 16, "exec_acc": exec_acc, "compute_hours": hours,
+            "compute_device": "cpu", "data_sha256": "same", "context_mode": "retrieved"}
+
+
+def test_conclusions_name_no_best_method_when_all_tie_at_zero():
+    from utils.comparison import conclusions
+
+    summary = [_policy_row("base", 0.0, None), _policy_row("sft", 0.0, 0.03), _policy_row("grpo", 0.0, 0.02)]
+    seeds = [{"method": r["method"], "exec_acc_mean": 0.0, "n_policies": 1} for r in summary]
+    text = "\n".join(conclusions(summary, seeds, [], "sft"))
+    assert "Best method" not in text and "every method has exec_acc 0.000 (no test item solved" in text
+    assert "exec_acc per compute hour is 0 for all" in text
+
+
+def test_conclusions_rank_and_efficiency():
+    from utils.comparison import conclusions
+
+    summary = [_policy_row("sft", 0.25, 0.5), _policy_row("grpo", 0.5, 2.0)]
+    seeds = [{"method": r["method"], "exec_acc_mean": r["exec_acc"], "n_policies": 1} for r in summary]
+    text = "\n".join(conclusions(summary, seeds, [], "sft"))
+    assert "Best method by exec_acc: **grpo** (0.500)." in text
+    # exec_acc per hour: sft 0.25 / 0.5 = 0.5, grpo 0.5 / 2 = 0.25
+    assert "Efficiency: sft gives the most exec_acc per training compute hour (0.5 per hour on cpu)" in text

@@ -242,9 +242,14 @@ def conclusions(summary: list[dict], seeds: list[dict], paired: list[dict], base
         return ["No policy has an exec_acc: nothing to compare."]
     best = ranked[0]
     ties = [r["method"] for r in ranked[1:] if r["exec_acc_mean"] == best["exec_acc_mean"]]
-    out.append(f"Best method by exec_acc: **{best['method']}** ({fmt(best['exec_acc_mean'])}"
-               + (f", mean of {best['n_policies']} seeds" if best["n_policies"] > 1 else "") + ")"
-               + (f", tied with {', '.join(ties)}" if ties else "") + ".")
+    if len(ties) == len(ranked) - 1 > 0:  # no ranking to report: "best: base, tied with all" would read as one
+        out.append(f"No method stands out: every method has exec_acc {fmt(best['exec_acc_mean'])}"
+                   + (" (no test item solved; a smoke-sized run such as --quick_test is expected to end here)"
+                      if best["exec_acc_mean"] == 0 else "") + ".")
+    else:
+        out.append(f"Best method by exec_acc: **{best['method']}** ({fmt(best['exec_acc_mean'])}"
+                   + (f", mean of {best['n_policies']} seeds" if best["n_policies"] > 1 else "") + ")"
+                   + (f", tied with {', '.join(ties)}" if ties else "") + ".")
     if baseline is None:
         out.append("No baseline policy was found: no paired comparison.")
     elif best["method"] == next((r["method"] for r in summary if r["label"] == baseline), None) and not ties:
@@ -273,7 +278,9 @@ def conclusions(summary: list[dict], seeds: list[dict], paired: list[dict], base
         out.append(f"Underpowered across seeds: fewer than {FEW_SEEDS} seeds per method ({counts}), so "
                    "seed-to-seed variance is not estimated reliably and rankings may change with more seeds.")
     costed = [r for r in summary if r.get("compute_hours")]
-    if costed:
+    if costed and not any(r["exec_acc"] for r in costed):
+        out.append("Efficiency: no trained policy solves a test item, so exec_acc per compute hour is 0 for all.")
+    elif costed:
         eff = max(costed, key=lambda r: r["exec_acc"] / r["compute_hours"])
         devices = sorted({str(r["compute_device"]) for r in costed})
         out.append(f"Efficiency: {eff['label']} gives the most exec_acc per training compute hour "
