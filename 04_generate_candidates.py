@@ -27,7 +27,7 @@ from utils.modeling import ModelLoadError, load_model, load_tokenizer, resolve_m
 from utils.rewards import RewardSpec, extract_response, load_spec, score
 
 MODULE = "04_candidates"
-QUICK_TEST = {"max_examples": 8, "num_candidates": 2, "max_new_tokens": 32}
+QUICK_TEST = {"max_examples": 8, "num_candidates": 2, "max_new_tokens": 48}
 
 
 class CandidateError(RuntimeError):

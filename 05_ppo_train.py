@@ -39,8 +39,8 @@ from utils.training import _finite_or_none
 MODULE = "05_ppo"
 METHOD = "ppo"
 # --quick_test: a smoke run (explicit flags win)
-QUICK_TEST = {"training.max_steps": 2, "algorithm.rollout_batch_size": 4, "generation.max_new_tokens": 16,
-              "validation.max_new_tokens": 16, "validation.num_samples": 4, "validation.eval_steps": 2,
+QUICK_TEST = {"training.max_steps": 2, "algorithm.rollout_batch_size": 4, "generation.max_new_tokens": 48,
+              "validation.max_new_tokens": 48, "validation.num_samples": 4, "validation.eval_steps": 2,
               "training.save_steps": 1}
 QUICK_TEST_TRAIN_PROMPTS = 8
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                              "present, else the built-in defaults)")
     parser.add_argument("--quick_test", action="store_true",
                         help=f"smoke run: {QUICK_TEST_TRAIN_PROMPTS} prompts, {QUICK_TEST['validation.num_samples']} "
-                             f"val examples, 2 steps of 4 prompts, 16 new tokens")
+                             f"val examples, 2 steps of 4 prompts, {QUICK_TEST['generation.max_new_tokens']} new tokens")
     parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="STEP_DIR",
                         help="continue a run: from the last ckpt_ppo/step_N of the output folder, or the "
                              "given step folder (adapter, value head, optimizer, KL controller, step, RNG)")

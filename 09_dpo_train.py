@@ -54,7 +54,7 @@ MODULE = "09_dpo"
 METHOD = "dpo"
 # --quick_test: a smoke run (explicit flags win)
 QUICK_TEST = {"training.max_steps": 2, "training.logging_steps": 1, "training.save_steps": 1,
-              "validation.eval_steps": 2, "validation.num_samples": 4, "validation.max_new_tokens": 16}
+              "validation.eval_steps": 2, "validation.num_samples": 4, "validation.max_new_tokens": 48}
 QUICK_TEST_PAIRS = 16
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 

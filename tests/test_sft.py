@@ -139,9 +139,9 @@ def test_sft_quick_test_on_default_model(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "outputs" / "quick" / "03_sft"
     log = read(folder / "logs" / "training_log.json")
-    assert loss_steps(log) == [1, 2, 3, 4]
-    assert [e["step"] for e in log["log_history"] if "val/exec_acc" in e] == [2, 4]
-    assert read(folder / "manifest.json")["metrics"]["n_train_examples"] == 16
+    assert loss_steps(log) == list(range(1, 13))
+    assert [e["step"] for e in log["log_history"] if "val/exec_acc" in e] == [6, 12]
+    assert read(folder / "manifest.json")["metrics"]["n_train_examples"] == 24
     assert (folder / "ckpt_sft" / "best" / "adapter_model.safetensors").is_file()
 
 
@@ -247,4 +247,4 @@ def test_quick_test_defaults_yield_to_explicit_flags():
     args, extra = script.parse_args(["--quick_test", "--max_steps", "6", "--validation.num_samples", "3"])
     cfg = script.resolve_config(args, extra)
     assert cfg["training"]["max_steps"] == 6 and cfg["validation"]["num_samples"] == 3   # explicit flags win
-    assert cfg["validation"]["eval_steps"] == 2 and cfg["validation"]["max_new_tokens"] == 32
+    assert cfg["validation"]["eval_steps"] == 6 and cfg["validation"]["max_new_tokens"] == 48
