@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import random
 import shutil
@@ -196,8 +197,10 @@ def main(args, extra_tokens=()) -> int:
                 base = load_model(str(policy_dir), dtype=dtype, device=device)  # an SFT adapter is merged here
                 if is_main:
                     training.save_policy(base, load_tokenizer(str(policy_dir)), cfg, reference_dir)
-            else:  # the reference the run started with, whatever --policy_ckpt says now
-                base = load_model(str(reference_dir), dtype=dtype, device=device)
+            else:  # the reference the run started with, whatever --policy_ckpt says now; a merged SFT
+                # stays float32 as it started (load_model: bf16 would round the SFT update away)
+                saved = json.loads((reference_dir / "config.json").read_text()).get("dtype")
+                base = load_model(str(reference_dir), dtype=saved or dtype, device=device)
             tokenizer = load_tokenizer(str(policy_dir))
             model = build_policy(base, cfg, adapter_dir=resume_dir)
             # every PPO adapter sits on the merged SFT model: name it as the base to load from

@@ -285,6 +285,8 @@ def main(args, extra_tokens=()) -> int:
             val = runs.read_jsonl(val_path)[:cfg["validation"]["num_samples"]]
             spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)
             start, is_adapter = resolve_start(args.base_or_sft_ckpt, cfg, args.run_id)
+            if is_adapter:  # bf16 autocast would round the merged SFT update away (utils.modeling.load_model)
+                cfg["model"]["dtype"] = "float32"
 
             # --- model ---
             resume_from = resume_checkpoint(trainer_dir) if args.resume else None

@@ -87,6 +87,28 @@ def test_lora_adapter_folder_loads_merged(tiny, tmp_path):
     assert len(load_tokenizer(str(tmp_path / "adapter"))) == merged.config.vocab_size  # base's tokenizer
 
 
+def test_small_lora_update_survives_a_half_precision_request(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_model(str(tiny["llama"]), dtype="float32"),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(1e-3)  # dW ~1e-5: a short SFT's size, far below a bf16 step of W (~1e-3 here)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            before = peft_model(input_ids=ids).logits
+        merged = load_model(str(tmp_path / "adapter"), dtype="bfloat16")
+        got = merged(input_ids=ids).logits
+    assert merged.dtype == torch.float32                        # merged and kept in fp32, not rounded to bf16
+    assert not torch.allclose(expected, before, atol=1e-6)      # the update is real...
+    assert torch.allclose(got, expected, atol=1e-6)             # ...and every bit of it is kept
+
+
 def test_clear_errors_for_bad_folders(tmp_path):
     with pytest.raises(ModelLoadError, match="folder not found"):
         load_model(str(tmp_path / "missing"))
