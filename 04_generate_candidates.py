@@ -56,7 +56,8 @@ def parse_args(argv=None):
                         help="reward_spec.yaml (default: outputs/<run_id>/02_rewards/reward_spec.yaml "
                              "if present, else the built-in defaults)")
     parser.add_argument("--quick_test", action="store_true",
-                        help="smoke run: 8 prompts, 2 candidates, 32 new tokens (explicit flags win)")
+                        help=f"smoke run: {QUICK_TEST['max_examples']} prompts, {QUICK_TEST['num_candidates']} candidates, "
+                             f"{QUICK_TEST['max_new_tokens']} new tokens (explicit flags win)")
     return parser.parse_known_args(argv)
 
 

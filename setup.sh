@@ -95,6 +95,6 @@ step "setup finished in $(elapsed "$START"). Next:"
 cat <<'EOF'
     source activate.sh
     bash download.sh --from ../shared/data/finqa-sample   # FinQA sample (offline); no flag: full FinQA
-    python 12_driver.py --quick_test                       # the whole pipeline, smoke-sized
+    python 12_driver.py --method all --quick_test          # the main job: every stage, smoke-sized
     python -m pytest -q                                    # the tests
 EOF
