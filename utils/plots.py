@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import transforms  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from utils.comparison import mean_std  # noqa: E402
 
@@ -211,6 +212,7 @@ def training_curves(policies: list[dict], path) -> Path:
                                            else " (no training logs found)"))
         else:
             ax.set_xlabel("training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if missing:
