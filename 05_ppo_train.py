@@ -201,6 +201,7 @@ def main(args, extra_tokens=()) -> int:
                 # stays float32 as it started (load_model: bf16 would round the SFT update away)
                 saved = json.loads((reference_dir / "config.json").read_text()).get("dtype")
                 base = load_model(str(reference_dir), dtype=saved or dtype, device=device)
+            dtype = base.dtype  # what the weights hold: float32 when an SFT adapter was merged in
             tokenizer = load_tokenizer(str(policy_dir))
             model = build_policy(base, cfg, adapter_dir=resume_dir)
             # every PPO adapter sits on the merged SFT model: name it as the base to load from
@@ -227,7 +228,7 @@ def main(args, extra_tokens=()) -> int:
                 manifest.write()
                 print(f"PPO: {len(train)} train prompts, {len(val)} val, steps {start_step + 1}..{hp.max_steps}, "
                       f"{hp.rollout_batch_size} prompts/step over {accelerator.num_processes} process(es), "
-                      f"dtype {dtype}, policy {policy_dir}", flush=True)
+                      f"dtype {str(dtype).replace('torch.', '')}, policy {policy_dir}", flush=True)
 
             # --- train ---
             step_times, token_rates, val_metrics = [], [], {}
