@@ -1,0 +1,155 @@
+"""Learnability: does each method raise val reward where the signal is learnable?
+
+    python tests/benchmarks/bench_learnability.py                           # all methods, default model
+    python tests/benchmarks/bench_learnability.py --methods grpo rloo --rl_steps 30 --seed 2
+    python tests/benchmarks/bench_learnability.py --report learn_s1         # the table of an earlier run
+
+On the synthetic FinQA-format set (templated questions whose numbers are in the context), a short SFT
+of the default model gives a policy that writes the JSON format but often the wrong program: room to
+learn. From that one SFT checkpoint, each method trains for a fixed budget (--rl_steps optimizer steps;
+DPO on pairs from candidates sampled by the same SFT policy), and 10_evaluate scores the SFT start and
+each method's final checkpoint on the same --val_examples val examples with greedy decoding: the same
+protocol, examples and reward spec for every row. Printed per method: val reward_mean and exec_acc at
+the SFT start and at the end, the change, and the wall time. The final checkpoint is scored, not the
+best one (picking the best on these val examples would flatter every method).
+
+Every stage is one of the numbered scripts, run as a subprocess into outputs/<run_id>/ with its log in
+outputs/<run_id>/logs/; summary.json there holds the table, each method's row with its own budget. A rerun
+with the same seed, config, data size, SFT steps and val examples reuses the SFT start and the rows already
+there, and (re)runs only the --methods given, so an interrupted benchmark continues. On 2 CPU cores the
+default budget takes about 1.5 hours (PPO, 80 s a step in float32, is half of it); the figures depend on
+the CPU load of other processes only through the wall times.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("ppo", "grpo", "rloo", "dpo")
+SCRIPTS = {"ppo": "05_ppo_train.py", "grpo": "06_grpo_train.py", "rloo": "07_rloo_train.py", "dpo": "09_dpo_train.py"}
+MODULES = {"ppo": "05_ppo", "grpo": "06_grpo", "rloo": "07_rloo", "dpo": "09_dpo"}
+# what defines the SFT start: a rerun with the same values reuses it and the methods already scored
+START_KEYS = ("seed", "config", "num_examples", "sft_steps", "val_examples")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods to (re)train and score (default: all four)")
+    parser.add_argument("--run_id", default=None, help="default: learn_s<seed>")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every stage (default: %(default)s)")
+    parser.add_argument("--config", default="smollm2-135m", help="model config (default: %(default)s)")
+    parser.add_argument("--num_examples", type=int, default=600,
+                        help="synthetic examples, split 80/10/10 (default: %(default)s)")
+    parser.add_argument("--sft_steps", type=int, default=40,
+                        help="SFT steps of the start policy: short on purpose (default: %(default)s)")
+    parser.add_argument("--rl_steps", type=int, default=20, help="optimizer steps per method (default: %(default)s)")
+    parser.add_argument("--rl_learning_rate", type=float, default=5e-5,
+                        help="every method's learning rate: the algorithm YAMLs' 1e-5 is for runs of hundreds "
+                             "of steps; a short budget needs a larger one (default: %(default)s)")
+    parser.add_argument("--val_examples", type=int, default=40,
+                        help="val examples scored at the start and the end (default: %(default)s)")
+    parser.add_argument("--dpo_prompts", type=int, default=96,
+                        help="train prompts whose sampled candidates make DPO's pairs (default: %(default)s)")
+    parser.add_argument("--report", metavar="RUN_ID", help="only print the table of an earlier run")
+    return parser.parse_args()
+
+
+def run_stage(name: str, argv: list[str], run_dir: Path) -> float:
+    """Run one numbered script, its output to logs/<name>.log; stop the benchmark if it fails."""
+    log = run_dir / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{name:<16} python {' '.join(argv)}", flush=True)
+    start = time.monotonic()
+    with open(log, "w", encoding="utf-8") as handle:
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    elapsed = time.monotonic() - start
+    if done.returncode != 0:
+        sys.exit(f"{name} failed (exit {done.returncode}) after {elapsed:.0f}s: see {log}")
+    print(f"{'':<16} done in {elapsed:.0f}s", flush=True)
+    return elapsed
+
+
+def evaluate(name: str, ckpt: Path, args, run_dir: Path, common: list[str]) -> dict:
+    """Greedy val metrics of one checkpoint (10_evaluate), and the wall time."""
+    elapsed = run_stage(f"10_{name}", ["10_evaluate.py", *common, "--policy_ckpt", str(ckpt),
+                                       "--test_jsonl", str(run_dir / "data" / "val.jsonl"),
+                                       "--max_examples", str(args.val_examples), "--policy_name", name], run_dir)
+    metrics = json.loads((run_dir / "10_evaluation" / name / "metrics.json").read_text())
+    return {key: metrics[key] for key in ("reward_mean", "exec_acc", "format_rate", "n_examples")} | {
+        "eval_s": round(elapsed, 1)}
+
+
+def report(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    start, setup = summary["sft_start"], summary["setup"]
+    print(f"\n{'method':<8} {'reward_mean start -> end':>26} {'change':>8} {'exec_acc start -> end':>23} "
+          f"{'format end':>10} {'steps':>6} {'lr':>8} {'train s':>8}")
+    for method, row in summary["methods"].items():
+        steps, lr = (row.get(key, setup.get(key)) for key in ("rl_steps", "rl_learning_rate"))
+        print(f"{method:<8} {start['reward_mean']:>12.3f} -> {row['reward_mean']:>9.3f} "
+              f"{row['reward_mean'] - start['reward_mean']:>+8.3f} {start['exec_acc']:>10.3f} -> "
+              f"{row['exec_acc']:>8.3f} {row['format_rate']:>10.3f} {steps:>6} {lr:>8} {row['train_s']:>8.0f}")
+    print(f"\nSFT start: {setup['sft_steps']} SFT steps, format_rate {start['format_rate']:.3f}; "
+          f"{start['n_examples']} val examples, greedy; seed {setup['seed']}; synthetic set of "
+          f"{setup['num_examples']}; model {setup['config']}\nrun: {run_dir}")
+
+
+def main(args) -> int:
+    run_id = args.run_id or f"learn_s{args.seed}"
+    run_dir = ROOT / "outputs" / run_id
+    if args.report:
+        report(ROOT / "outputs" / args.report)
+        return 0
+    common = ["--config", args.config, "--run_id", run_id, "--seed", str(args.seed)]
+    data = run_dir / "data"
+    spec = str(run_dir / "02_rewards" / "reward_spec.yaml")
+    data_flags = ["--train_jsonl", str(data / "train.jsonl"), "--val_jsonl", str(data / "val.jsonl"),
+                  "--reward_spec", spec]
+    sft = run_dir / "03_sft" / "ckpt_sft" / "final"
+    setup = {key: getattr(args, key) for key in START_KEYS}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if summary and all(summary["setup"].get(key) == setup[key] for key in START_KEYS) and sft.is_dir():
+        print(f"reusing the SFT start of {run_dir} (same {', '.join(START_KEYS)}); methods done: "
+              f"{', '.join(summary['methods']) or 'none'}", flush=True)
+    else:
+        run_stage("01_synthetic", ["01_prepare_dataset.py", *common, "--dataset", "synthetic",
+                                   "--num_examples", str(args.num_examples), "--output_dir", str(data)], run_dir)
+        run_stage("02_rewards", ["02_build_rewards.py", *common], run_dir)
+        # one validation, at the end, on a few examples: the start is measured by 10_evaluate below
+        run_stage("03_sft", ["03_sft_train.py", *common, *data_flags, "--max_steps", str(args.sft_steps),
+                             "--validation.eval_steps", str(args.sft_steps), "--validation.num_samples", "8"],
+                  run_dir)
+        summary = {"setup": setup, "sft_start": evaluate("sft_start", sft, args, run_dir, common), "methods": {}}
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    rl_flags = ["--max_steps", str(args.rl_steps), "--learning_rate", str(args.rl_learning_rate),
+                "--validation.eval_steps", str(args.rl_steps), "--validation.num_samples", "8"]
+    for method in args.methods:
+        if method == "dpo":
+            run_stage("04_candidates", ["04_generate_candidates.py", *common, "--policy_ckpt", str(sft),
+                                        "--split", "train", "--data_dir", str(data), "--max_examples",
+                                        str(args.dpo_prompts), "--reward_spec", spec], run_dir)
+            run_stage("08_preferences", ["08_build_preferences.py", *common,
+                                         "--candidates_dir", str(run_dir / "04_candidates")], run_dir)
+            argv = ["09_dpo_train.py", "--base_or_sft_ckpt", str(sft), "--pairs",
+                    str(run_dir / "08_preferences" / "pairs.jsonl"), "--val_jsonl", str(data / "val.jsonl"),
+                    "--reward_spec", spec]
+        else:
+            argv = [SCRIPTS[method], "--policy_ckpt", str(sft), *data_flags]
+        train_s = run_stage(MODULES[method], [*argv, *common, *rl_flags], run_dir)
+        final = run_dir / MODULES[method] / f"ckpt_{method}" / "final"
+        budget = {"rl_steps": args.rl_steps, "rl_learning_rate": args.rl_learning_rate,
+                  **({"dpo_prompts": args.dpo_prompts} if method == "dpo" else {})}
+        summary["methods"][method] = evaluate(method, final, args, run_dir, common) | {
+            "train_s": round(train_s, 1), **budget}
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    report(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
