@@ -95,7 +95,7 @@ def test_small_lora_update_survives_a_half_precision_request(tiny, tmp_path):
     with torch.no_grad():
         for name, weight in peft_model.named_parameters():
             if "lora_B" in name:
-                weight.mul_(1e-3)  # dW ~1e-5: a short SFT's size, far below a bf16 step of W (~1e-3 here)
+                weight.mul_(1e-3)  # a short SFT's update: below bf16's resolution of W (1/256 of it)
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
