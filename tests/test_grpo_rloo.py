@@ -40,6 +40,36 @@ def test_leave_one_out_baselines_rejects_bad_groups(rewards, k):
         leave_one_out_baselines(rewards, k)
 
 
+def loo_and_reinforce_gradient_variance(probs, action_rewards, num_prompts=256, k=4, seed=0):
+    """Total variance E||c_i - mean(c)||^2 of the per-sample policy-gradient contributions of plain
+    REINFORCE (c_i = R_i g_i) and RLOO (c_i = (R_i - b_i) g_i) on the same batch, for a softmax
+    policy over a few actions, whose score function is g(a) = onehot(a) - probs."""
+    probs, action_rewards = torch.tensor(probs), torch.tensor(action_rewards)
+    actions = torch.multinomial(probs, num_prompts * k, replacement=True,
+                                generator=torch.Generator().manual_seed(seed))
+    gradients = torch.nn.functional.one_hot(actions, len(probs)).float() - probs
+    rewards = action_rewards[actions]
+    baselines = torch.tensor(leave_one_out_baselines(rewards.tolist(), k))
+    variance = lambda c: float(((c - c.mean(0)) ** 2).sum(1).mean())  # noqa: E731
+    return variance((rewards - baselines)[:, None] * gradients), variance(rewards[:, None] * gradients)
+
+
+def test_loo_baseline_lowers_gradient_variance_when_rewards_sit_away_from_zero():
+    # Expected per-sample variance: REINFORCE ~ (sigma^2 + mu^2) E||g||^2, leave-one-out with k = 4
+    # ~ sigma^2 (1 + 1/3) E||g||^2. Mean reward 0.825, variance 0.21 here: the baseline wins ~4x
+    loo, reinforce = loo_and_reinforce_gradient_variance([0.25, 0.25, 0.25, 0.25], [1.3, 1.1, 0.8, 0.1])
+    assert loo < 0.4 * reinforce
+
+
+def test_loo_baseline_adds_variance_when_almost_every_reward_is_zero():
+    # The case the FinQA SFT start is in (most samples score 0): mu^2 (0.004) < sigma^2 / 3 (0.027),
+    # so 0 is the better baseline and the noisy 3-sample mean adds variance (about 1.12x, the limit
+    # measured on 80k samples)
+    loo, reinforce = loo_and_reinforce_gradient_variance([0.05, 0.35, 0.3, 0.3], [1.3, 0.0, 0.0, 0.0],
+                                                         num_prompts=2048)
+    assert loo > 1.05 * reinforce
+
+
 class FakeRLOOTrainer:
     """What LeaveOneOutSampleLog reads from TRL's RLOOTrainer after it scores a batch: the
     per-function rewards and advantages of the gathered batch at the end of deques (older

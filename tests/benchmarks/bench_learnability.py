@@ -15,8 +15,9 @@ best one (picking the best on these val examples would flatter every method).
 
 Every stage is one of the numbered scripts, run as a subprocess into outputs/<run_id>/ with its log in
 outputs/<run_id>/logs/; summary.json there holds the table, each method's row with its own budget. A rerun
-with the same seed, config, data size, SFT steps and val examples reuses the SFT start and the rows already
-there, and (re)runs only the --methods given, so an interrupted benchmark continues. On 2 CPU cores the
+with the same seed, config, data size and SFT steps reuses the SFT start; with the same val examples too,
+it keeps the rows already there and (re)runs only the --methods given, so an interrupted benchmark
+continues. On 2 CPU cores the
 default budget takes about 1.5 hours (PPO, 80 s a step in float32, is half of it); the figures depend on
 the CPU load of other processes only through the wall times.
 """
@@ -31,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 SCRIPTS = {"ppo": "05_ppo_train.py", "grpo": "06_grpo_train.py", "rloo": "07_rloo_train.py", "dpo": "09_dpo_train.py"}
 MODULES = {"ppo": "05_ppo", "grpo": "06_grpo", "rloo": "07_rloo", "dpo": "09_dpo"}
-# what defines the SFT start: a rerun with the same values reuses it and the methods already scored
-START_KEYS = ("seed", "config", "num_examples", "sft_steps", "val_examples")
+# what defines the SFT start: a rerun with the same values reuses it; with the same val_examples
+# too, it also keeps the methods already scored
+SFT_KEYS = ("seed", "config", "num_examples", "sft_steps")
+START_KEYS = (*SFT_KEYS, "val_examples")
 
 
 def parse_args():
@@ -113,9 +116,9 @@ def main(args) -> int:
     setup = {key: getattr(args, key) for key in START_KEYS}
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if summary and all(summary["setup"].get(key) == setup[key] for key in START_KEYS) and sft.is_dir():
-        print(f"reusing the SFT start of {run_dir} (same {', '.join(START_KEYS)}); methods done: "
-              f"{', '.join(summary['methods']) or 'none'}", flush=True)
+    same = lambda keys: summary is not None and all(summary["setup"].get(k) == setup[k] for k in keys)  # noqa: E731
+    if same(SFT_KEYS) and sft.is_dir():
+        print(f"reusing the SFT start of {run_dir} (same {', '.join(SFT_KEYS)})", flush=True)
     else:
         run_stage("01_synthetic", ["01_prepare_dataset.py", *common, "--dataset", "synthetic",
                                    "--num_examples", str(args.num_examples), "--output_dir", str(data)], run_dir)
@@ -124,6 +127,11 @@ def main(args) -> int:
         run_stage("03_sft", ["03_sft_train.py", *common, *data_flags, "--max_steps", str(args.sft_steps),
                              "--validation.eval_steps", str(args.sft_steps), "--validation.num_samples", "8"],
                   run_dir)
+        summary = None
+    if summary is not None and same(START_KEYS):
+        print(f"methods already scored on the same {args.val_examples} val examples: "
+              f"{', '.join(summary['methods']) or 'none'}", flush=True)
+    else:
         summary = {"setup": setup, "sft_start": evaluate("sft_start", sft, args, run_dir, common), "methods": {}}
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     rl_flags = ["--max_steps", str(args.rl_steps), "--learning_rate", str(args.rl_learning_rate),
