@@ -209,7 +209,7 @@ class LeaveOneOutSampleLog:
 # --quick_test: a smoke run (explicit flags still win); 48 new tokens hold the sample's p95 answer (54 tokens),
 # shorter budgets cut every JSON answer and leave a constant reward
 QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
-              "algorithm.num_generations": 2, "generation.max_new_tokens": 48,
+              "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4, "generation.max_new_tokens": 48,
               "validation.max_new_tokens": 48, "validation.num_samples": 4, "validation.eval_steps": 2}
 QUICK_TEST_TRAIN_PROMPTS = 8
 
@@ -229,8 +229,8 @@ def parse_args(description: str, method: str, argv=None):
                         help="reward_spec.yaml (default: outputs/<run_id>/02_rewards/reward_spec.yaml if "
                              "present, else the built-in defaults)")
     parser.add_argument("--quick_test", action="store_true",
-                        help=f"smoke run: {QUICK_TEST_TRAIN_PROMPTS} train prompts, 4 val examples, 2 steps, "
-                             f"2 generations per prompt, {QUICK_TEST['generation.max_new_tokens']} new tokens")
+                        help=f"smoke run: {QUICK_TEST_TRAIN_PROMPTS} train prompts, 4 val examples, 2 steps of "
+                             f"2 prompts x 2 generations, {QUICK_TEST['generation.max_new_tokens']} new tokens")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last trainer checkpoint (trainer/checkpoint-N) in the output folder")
     return parser.parse_known_args(argv)
