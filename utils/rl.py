@@ -209,8 +209,9 @@ class LeaveOneOutSampleLog:
 # --quick_test: a smoke run (explicit flags still win); 48 new tokens hold the sample's p95 answer (54 tokens),
 # shorter budgets cut every JSON answer and leave a constant reward
 QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
-              "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4, "generation.max_new_tokens": 48,
-              "validation.max_new_tokens": 48, "validation.num_samples": 4, "validation.eval_steps": 2}
+              "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4,
+              "generation.max_new_tokens": 48, "validation.max_new_tokens": 48, "validation.num_samples": 4,
+              "validation.eval_steps": 2}
 QUICK_TEST_TRAIN_PROMPTS = 8
 
 
