@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("ppo", "grpo", "rloo", "dpo")
-SCRIPTS = {"ppo": "05_ppo_train.py", "grpo": "06_grpo_train.py", "rloo": "07_rloo_train.py", "dpo": "09_dpo_train.py"}
-MODULES = {"ppo": "05_ppo", "grpo": "06_grpo", "rloo": "07_rloo", "dpo": "09_dpo"}
+sys.path.insert(0, str(ROOT))
+from utils.driver import METHOD_STAGES, METHODS  # noqa: E402  (method -> module folder, script)
+from utils.runs import read_jsonl  # noqa: E402
+
 # what defines the SFT start: a rerun with the same values reuses it; with the same val_examples
 # too, it also keeps the methods already scored
 SFT_KEYS = ("seed", "config", "num_examples", "sft_steps")
@@ -96,9 +97,7 @@ def evaluate(name: str, ckpt: Path, args, run_dir: Path, common: list[str]) -> d
 def example_rewards(run_dir: Path, name: str) -> dict | None:
     """Each val example's reward in 10_evaluate's predictions of `name` (None if not there)."""
     path = run_dir / "10_evaluation" / name / "samples" / "predictions.jsonl"
-    if not path.is_file():
-        return None
-    return {row["id"]: row["reward"] for row in map(json.loads, path.read_text().splitlines())}
+    return {row["id"]: row["reward"] for row in read_jsonl(path)} if path.is_file() else None
 
 
 def report(run_dir: Path) -> None:
@@ -159,6 +158,7 @@ def main(args) -> int:
         summary = {"setup": setup, "sft_start": evaluate("sft_start", sft, args, run_dir, common), "methods": {}}
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for method in args.methods:
+        module, script = METHOD_STAGES[method]
         steps = args.ppo_steps if method == "ppo" else args.rl_steps
         rl_flags = ["--max_steps", str(steps), "--learning_rate", str(args.rl_learning_rate),
                     "--validation.eval_steps", str(steps), "--validation.num_samples", "8"]
@@ -168,13 +168,13 @@ def main(args) -> int:
                                         str(args.dpo_prompts), "--reward_spec", spec], run_dir)
             run_stage("08_preferences", ["08_build_preferences.py", *common,
                                          "--candidates_dir", str(run_dir / "04_candidates")], run_dir)
-            argv = ["09_dpo_train.py", "--base_or_sft_ckpt", str(sft), "--pairs",
+            argv = [script, "--base_or_sft_ckpt", str(sft), "--pairs",
                     str(run_dir / "08_preferences" / "pairs.jsonl"), "--val_jsonl", str(data / "val.jsonl"),
                     "--reward_spec", spec]
         else:
-            argv = [SCRIPTS[method], "--policy_ckpt", str(sft), *data_flags]
-        train_s = run_stage(MODULES[method], [*argv, *common, *rl_flags], run_dir)
-        final = run_dir / MODULES[method] / f"ckpt_{method}" / "final"
+            argv = [script, "--policy_ckpt", str(sft), *data_flags]
+        train_s = run_stage(module, [*argv, *common, *rl_flags], run_dir)
+        final = run_dir / module / f"ckpt_{method}" / "final"
         budget = {"rl_steps": steps, "rl_learning_rate": args.rl_learning_rate,
                   **({"dpo_prompts": args.dpo_prompts} if method == "dpo" else {})}
         summary["methods"][method] = evaluate(method, final, args, run_dir, common) | {
