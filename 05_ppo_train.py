@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -197,10 +196,8 @@ def main(args, extra_tokens=()) -> int:
                 base = load_model(str(policy_dir), dtype=dtype, device=device)  # an SFT adapter is merged here
                 if is_main:
                     training.save_policy(base, load_tokenizer(str(policy_dir)), cfg, reference_dir)
-            else:  # the reference the run started with, whatever --policy_ckpt says now; a merged SFT
-                # stays float32 as it started (load_model: bf16 would round the SFT update away)
-                saved = json.loads((reference_dir / "config.json").read_text()).get("dtype")
-                base = load_model(str(reference_dir), dtype=saved or dtype, device=device)
+            else:  # the reference the run started with, whatever --policy_ckpt says now
+                base = load_model(str(reference_dir), dtype=dtype, device=device)
             dtype = base.dtype  # what the weights hold: float32 when an SFT adapter was merged in
             tokenizer = load_tokenizer(str(policy_dir))
             model = build_policy(base, cfg, adapter_dir=resume_dir)

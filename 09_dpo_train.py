@@ -48,6 +48,7 @@ from pathlib import Path
 
 from utils import config as config_lib
 from utils import runs, training
+from utils.modeling import holds_merged_adapter
 from utils.preferences import preference_accuracy, split_by_prompt
 
 MODULE = "09_dpo"
@@ -285,8 +286,8 @@ def main(args, extra_tokens=()) -> int:
             val = runs.read_jsonl(val_path)[:cfg["validation"]["num_samples"]]
             spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)
             start, is_adapter = resolve_start(args.base_or_sft_ckpt, cfg, args.run_id)
-            if is_adapter:  # bf16 autocast would round the merged SFT update away (utils.modeling.load_model)
-                cfg["model"]["dtype"] = "float32"
+            if is_adapter or holds_merged_adapter(start):  # bf16 autocast would round the merged SFT
+                cfg["model"]["dtype"] = "float32"              # update away (utils.modeling.load_model)
 
             # --- model ---
             resume_from = resume_checkpoint(trainer_dir) if args.resume else None

@@ -15,7 +15,7 @@ import torch
 
 # the tiny random llama, a non-zero "SFT" LoRA adapter on it, synthetic train/val data
 from tests.test_ppo import ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
-from utils.rl import LeaveOneOutSampleLog, leave_one_out_baselines, resolve_policy_ckpt
+from utils.rl import LeaveOneOutSampleLog, leave_one_out_baselines, load_policy, resolve_policy_ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,6 +124,30 @@ def test_resolve_policy_ckpt_finds_sft_best(tmp_path):
         assert resolve_policy_ckpt(given) == best
     with pytest.raises(FileNotFoundError, match="03_sft_train.py"):
         resolve_policy_ckpt(tmp_path / "nothing")
+
+
+def test_policy_on_a_merged_reference_trains_in_float32(ppo_inputs, tmp_path):
+    """GRPO/RLOO from a PPO or DPO checkpoint: its adapter sits on reference_model/, the SFT update
+    merged in; a bf16 base (and bf16 autocast) would round that update away."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.modeling import load_model, load_tokenizer
+
+    merged = load_model(str(ppo_inputs / "sft"), dtype="float32")
+    merged.save_pretrained(tmp_path / "reference_model")
+    load_tokenizer(str(ppo_inputs / "sft")).save_pretrained(tmp_path / "reference_model")
+    on_merged = get_peft_model(load_model(str(tmp_path / "reference_model")),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    on_merged.save_pretrained(tmp_path / "ckpt_ppo")
+
+    cfg = {"model": {"dtype": "bfloat16"}}
+    model, _, info = load_policy(tmp_path / "ckpt_ppo", cfg)
+    assert info["dtype"] == "float32" and cfg["model"]["dtype"] == "float32"  # autocast follows cfg
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    cfg = {"model": {"dtype": "bfloat16"}}  # from the SFT adapter itself: the base as configured
+    model, _, info = load_policy(ppo_inputs / "sft", cfg)
+    assert info["dtype"] == "bfloat16" and cfg["model"]["dtype"] == "bfloat16"
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_rloo_baseline_other_than_loo_is_a_config_error():

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from utils import config as config_lib
-from utils.modeling import (ModelLoadError, build_tiny_model, load_model, load_tokenizer,
-                            resolve_dtype, resolve_model_path)
+from utils.modeling import (ModelLoadError, build_tiny_model, holds_merged_adapter, load_model,
+                            load_tokenizer, resolve_dtype, resolve_model_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -107,6 +107,15 @@ def test_small_lora_update_survives_a_half_precision_request(tiny, tmp_path):
     assert merged.dtype == torch.float32                        # merged and kept in fp32, not rounded to bf16
     assert not torch.allclose(expected, before, atol=1e-6)      # the update is real...
     assert torch.allclose(got, expected, atol=1e-6)             # ...and every bit of it is kept
+
+    # saved and loaded again (PPO's and DPO's reference_model/), a bf16 request still gets fp32
+    merged.save_pretrained(tmp_path / "merged")
+    assert holds_merged_adapter(tmp_path / "merged") and not holds_merged_adapter(tiny["llama"])
+    with torch.no_grad():
+        reloaded = load_model(str(tmp_path / "merged"), dtype="bfloat16")
+        assert reloaded.dtype == torch.float32
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-6)
+    assert load_model(str(tiny["llama"]), dtype="bfloat16").dtype == torch.bfloat16  # a plain base: as asked
 
 
 def test_clear_errors_for_bad_folders(tmp_path):

@@ -64,7 +64,8 @@ def test_sft_writes_checkpoints_logs_samples_and_manifest(tiny, tmp_path):
     for name in ("step_2", "step_4", "best", "final"):
         for file in ADAPTER_FILES:
             assert (ckpt / name / file).is_file(), f"{name}/{file}"
-    assert (ckpt / "merged" / "config.json").is_file()                 # --save_merged: a plain model
+    assert (ckpt / "merged" / "config.json").is_file()                 # --save_merged: a plain model,
+    assert read(ckpt / "merged" / "config.json")["merged_lora_adapter"]  # marked: it loads in fp32
     assert load_model(str(ckpt / "final"), dtype="float32") is not None  # adapter + base load back
 
     log = read(folder / "logs" / "training_log.json")

@@ -31,6 +31,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+# config.json entry of a model with a LoRA adapter merged in: the adapter folder it came from
+MERGED_ADAPTER_KEY = "merged_lora_adapter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 # ChatML, as SmolLM2 and Qwen use it; given to the tiny test tokenizer.
@@ -272,6 +274,13 @@ def _adapter_base(folder: Path) -> str | None:
     return resolve_model_path(str(local) if local.exists() else base)
 
 
+def holds_merged_adapter(name_or_path) -> bool:
+    """Whether a model folder holds a LoRA update that load_model merged in (saved from such a
+    model: PPO's and DPO's reference_model/). Its weights must stay float32, see load_model."""
+    config = Path(str(name_or_path)) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get(MERGED_ADAPTER_KEY))
+
+
 def _hub_kwargs(section: dict | None, *keys) -> dict:
     """from_pretrained options the model config sets (revision, trust_remote_code, ...)."""
     if section is None:
@@ -334,7 +343,8 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
         name_or_path_or_config: hub id, folder, model config, or a LoRA adapter folder (merged
             into its base model, so the result is a plain model).
         dtype: see resolve_dtype; "auto" defers to the config's model.dtype when given a config.
-            An adapter is always merged in, and kept in, float32: rounding W + dW to bf16 erases
+            An adapter is always merged in, and kept in, float32 (and so is a folder saved from
+            such a model, see holds_merged_adapter): rounding W + dW to bf16 erases
             every update smaller than half a bf16 step of W (measured: the quick-test SFT checkpoint
             writes the JSON format for 13/16 test prompts merged in float32, 0/16 merged in bf16,
             where it answers in prose like the base model).
@@ -358,8 +368,11 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
 
         model = _from_pretrained(AutoModelForCausalLM, base, "model", dtype=torch.float32, **options)
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        # saved with the model's config.json, so a later load of the merged folder keeps float32 too
+        setattr(model.config, MERGED_ADAPTER_KEY, str(folder))
     else:
-        model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch_dtype, **options)
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", **options,
+                                 dtype=torch.float32 if holds_merged_adapter(path) else torch_dtype)
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         eos = generation.eos_token_id

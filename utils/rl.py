@@ -96,12 +96,17 @@ def load_policy(ckpt: str | Path, cfg: dict):
 
     The frozen base weights take the config's dtype (bf16 where it is fast, DESIGN.md), the
     trainable LoRA weights stay float32: peft upcasts adapters, so the optimizer keeps fp32
-    master weights, and sampling, which dominates RL time, runs at bf16 speed.
+    master weights, and sampling, which dominates RL time, runs at bf16 speed. A base that holds
+    a merged adapter (a PPO or DPO checkpoint's reference_model) is the exception: it trains in
+    float32 throughout, as PPO and DPO do, because bf16 would round its merged update away; cfg's
+    model.dtype is set to float32 so the trainer's autocast follows.
     """
     from peft import PeftModel, get_peft_model
 
     ckpt = Path(ckpt)
     base = modeling._adapter_base(ckpt)  # None for a full model folder
+    if modeling.holds_merged_adapter(base or ckpt):
+        cfg["model"]["dtype"] = "float32"
     dtype = modeling.resolve_dtype(cfg["model"].get("dtype") or "auto")
     model = modeling.load_model(base or str(ckpt), dtype=dtype)
     if base is not None:
