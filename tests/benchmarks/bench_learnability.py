@@ -22,6 +22,12 @@ it keeps the rows already there and (re)runs only the --methods given, so an int
 continues. On 2 CPU cores the default budget takes about 1.5 hours (SFT 29 min, GRPO 14, RLOO 17,
 PPO 11, DPO 14 with its candidates, each evaluation about 1); the figures depend on the CPU load of
 other processes only through the wall times.
+
+What a CPU budget shows (seed 1): no method moves greedy val reward beyond noise. GRPO went 0.636 ->
+0.667 in 15 steps at lr 3e-5, 0.603 in 60 steps, 0.616 in 30 steps at lr 1e-4; its training reward
+rises, but that is mostly its sampling sharpening toward its own greedy answers. The measurement this
+benchmark is for needs a GPU: --rl_steps 200 --ppo_steps 100 --rl_learning_rate 1e-5 --num_examples 2000
+--val_examples 200.
 """
 import argparse
 import json
