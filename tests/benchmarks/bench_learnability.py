@@ -100,10 +100,10 @@ def evaluate(name: str, ckpt: Path, args, run_dir: Path, common: list[str]) -> d
         "eval_s": round(elapsed, 1)}
 
 
-def example_rewards(run_dir: Path, name: str) -> dict | None:
-    """Each val example's reward in 10_evaluate's predictions of `name` (None if not there)."""
+def example_rewards(run_dir: Path, name: str) -> dict:
+    """Each val example's reward in 10_evaluate's predictions of `name` (empty if not there)."""
     path = run_dir / "10_evaluation" / name / "samples" / "predictions.jsonl"
-    return {row["id"]: row["reward"] for row in read_jsonl(path)} if path.is_file() else None
+    return {row["id"]: row["reward"] for row in read_jsonl(path)} if path.is_file() else {}
 
 
 def report(run_dir: Path) -> None:
@@ -112,12 +112,12 @@ def report(run_dir: Path) -> None:
     60 examples one exact answer moves reward_mean by about 0.02)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     start, setup = summary["sft_start"], summary["setup"]
-    start_rewards = example_rewards(run_dir, "sft_start") or {}
+    start_rewards = example_rewards(run_dir, "sft_start")
     print(f"\n{'method':<8} {'reward_mean start -> end':>26} {'change':>8} {'up/down':>8} "
           f"{'exec_acc start -> end':>23} {'format end':>10} {'steps':>6} {'lr':>8} {'train s':>8}")
     for method, row in summary["methods"].items():
         steps, lr = (row.get(key, setup.get(key)) for key in ("rl_steps", "rl_learning_rate"))
-        end_rewards = example_rewards(run_dir, method) or {}
+        end_rewards = example_rewards(run_dir, method)
         shared = [i for i in end_rewards if i in start_rewards]
         up = sum(end_rewards[i] > start_rewards[i] + 1e-9 for i in shared)
         down = sum(end_rewards[i] < start_rewards[i] - 1e-9 for i in shared)
