@@ -8,7 +8,7 @@
 Writes outputs/<run_id>/04_candidates/: candidates.jsonl (one line per prompt: id, prompt,
 completions, num_tokens), scores.jsonl (one line per candidate: id, candidate, completion and
 every RewardResult field), stats.json (parse rates, reward mean/std, pass@1, pass@k, diversity,
-speed) and manifest.json. 08_build_preferences.py pairs these candidates into DPO preferences.
+speed) and manifest.json. 08_build_prefs.py pairs these candidates into DPO preferences.
 pass@1 is the unbiased estimate (mean over prompts of the fraction of correct candidates) and
 pass@k the fraction of prompts with at least one correct candidate, correct = execution accuracy.
 """
@@ -78,7 +78,7 @@ def resolve_policy(policy_ckpt: str | None, cfg: dict) -> tuple[str, Path | None
     raise CandidateError(
         f"--policy_ckpt {policy_ckpt}: no checkpoint at {folder} (expected adapter_config.json, "
         f"config.json or ckpt_sft/best/). {shown} holds: {', '.join(listing) or 'nothing (missing)'}. "
-        f"Train one with python 03_sft.py, or pass a checkpoint folder such as .../ckpt_sft/final")
+        f"Train one with python 03_sft_train.py, or pass a checkpoint folder such as .../ckpt_sft/final")
 
 
 def resolve_reward_spec(path: str | None, cfg: dict, run_id: str) -> tuple[RewardSpec, Path | None]:

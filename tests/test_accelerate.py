@@ -1,4 +1,4 @@
-"""Multi-process training: 05_ppo_train.py under `accelerate launch` with two CPU processes (gloo),
+"""Multi-process training: 05_train_ppo.py under `accelerate launch` with two CPU processes (gloo),
 and the configs/accelerate/*.yaml examples parse as accelerate configs."""
 import json
 import socket

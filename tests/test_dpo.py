@@ -1,4 +1,4 @@
-"""09_dpo_train.py as a subprocess on a tiny random model with an SFT LoRA adapter (made with peft
+"""09_train_dpo.py as a subprocess on a tiny random model with an SFT LoRA adapter (made with peft
 directly) and a handful of hand-written preference pairs."""
 import json
 import os
@@ -70,7 +70,7 @@ def inputs(tmp_path_factory):
 
 
 def run09(inputs, out, *args, pairs="pairs.jsonl", quick_test=True):
-    command = [sys.executable, "09_dpo_train.py", "--base_or_sft_ckpt", inputs / "03_sft", "--pairs",
+    command = [sys.executable, "09_train_dpo.py", "--base_or_sft_ckpt", inputs / "03_sft", "--pairs",
                inputs / pairs, "--val_jsonl", inputs / "val.jsonl", "--output_dir", out,
                "--run_id", "pytest", "--paths.output_root", inputs / "outputs",
                "--training.per_device_train_batch_size", "2", "--training.gradient_accumulation_steps", "1",
@@ -179,8 +179,8 @@ def test_no_pairs_quick_test_smoke_runs_on_gold_pairs(inputs, tmp_path):
 
 
 def test_missing_pairs(inputs, tmp_path):
-    done = subprocess.run([sys.executable, "09_dpo_train.py", "--base_or_sft_ckpt", str(inputs / "03_sft"),
+    done = subprocess.run([sys.executable, "09_train_dpo.py", "--base_or_sft_ckpt", str(inputs / "03_sft"),
                            "--pairs", str(tmp_path / "none.jsonl"), "--output_dir", str(tmp_path / "out")],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 2
-    assert "none.jsonl not found" in done.stderr and "python 08_build_preferences.py" in done.stderr
+    assert "none.jsonl not found" in done.stderr and "python 08_build_prefs.py" in done.stderr

@@ -1,5 +1,5 @@
 """GRPO and RLOO: the leave-one-out baseline and RLOO's sample log against hand-computed values,
-then 06_grpo_train.py and 07_rloo_train.py as subprocesses on a tiny random model (quick test,
+then 06_train_grpo.py and 07_train_rloo.py as subprocesses on a tiny random model (quick test,
 checkpoints, logs, validation files, manifest, --resume)."""
 import json
 import math
@@ -151,7 +151,7 @@ def test_policy_on_a_merged_reference_trains_in_float32(ppo_inputs, tmp_path):
 
 
 def test_rloo_baseline_other_than_loo_is_a_config_error():
-    done = subprocess.run([sys.executable, "07_rloo_train.py", "--algorithm.baseline", "mean"],
+    done = subprocess.run([sys.executable, "07_train_rloo.py", "--algorithm.baseline", "mean"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "--algorithm.baseline: cannot use 'mean': expected one of 'loo'" in done.stderr
@@ -167,7 +167,7 @@ def rl_command(script: str, root: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def grpo_run(ppo_inputs):  # noqa: F811
     out = ppo_inputs / "grpo"
-    run_script(rl_command("06_grpo_train.py", ppo_inputs, out))
+    run_script(rl_command("06_train_grpo.py", ppo_inputs, out))
     return out
 
 
@@ -176,7 +176,7 @@ def rloo_run(ppo_inputs):  # noqa: F811
     out = ppo_inputs / "rloo"
     # beta 0: TRL's advantage is then exactly reward - baseline, which checks the logged baseline
     # against the one RLOOTrainer used
-    run_script(rl_command("07_rloo_train.py", ppo_inputs, out, "--algorithm.beta", "0.0"))
+    run_script(rl_command("07_train_rloo.py", ppo_inputs, out, "--algorithm.beta", "0.0"))
     return out
 
 
@@ -258,6 +258,6 @@ def test_rloo_quick_test_logs_rewards_and_loo_baselines(rloo_run):
 def test_grpo_resume_continues_from_step_2(grpo_run, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(grpo_run, out)
-    run_script(rl_command("06_grpo_train.py", grpo_run.parent, out, "--max_steps", "3", "--resume"))
+    run_script(rl_command("06_train_grpo.py", grpo_run.parent, out, "--max_steps", "3", "--resume"))
     check_outputs(out, "06_grpo", steps=(1, 2, 3))
     assert (out / "trainer" / "checkpoint-3").is_dir()

@@ -1,4 +1,4 @@
-"""PPO: the math of utils/ppo.py against hand-computed values, then 05_ppo_train.py as a subprocess
+"""PPO: the math of utils/ppo.py against hand-computed values, then 05_train_ppo.py as a subprocess
 on a tiny random model (quick test, checkpoints, validation files, --resume)."""
 import json
 import math
@@ -152,7 +152,7 @@ def test_reference_is_the_merged_sft_model_and_dropout_is_off(tmp_path):
     assert trainable == {"lora_A", "lora_B", "value_head.weight", "value_head.bias"}
 
 
-# --- 05_ppo_train.py on a tiny random model ---
+# --- 05_train_ppo.py on a tiny random model ---
 @pytest.fixture(scope="module")
 def ppo_inputs(tmp_path_factory):
     """A tiny random llama, an "SFT" LoRA adapter on it, and synthetic processed data."""
@@ -180,7 +180,7 @@ def ppo_inputs(tmp_path_factory):
 
 
 def ppo_command(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["05_ppo_train.py", "--quick_test", "--policy_ckpt", str(root / "sft"),
+    return ["05_train_ppo.py", "--quick_test", "--policy_ckpt", str(root / "sft"),
             "--train_jsonl", str(root / "data" / "train.jsonl"), "--val_jsonl", str(root / "data" / "val.jsonl"),
             "--output_dir", str(out), "--model.name_or_path", str(root / "tiny"), "--model.dtype", "float32",
             # a random model scores -0.2 on every completion: normalized, every reward would be 0 and

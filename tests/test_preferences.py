@@ -1,4 +1,4 @@
-"""Preference pairs: utils/preferences.py on hand-made candidates, and 08_build_preferences.py as a
+"""Preference pairs: utils/preferences.py on hand-made candidates, and 08_build_prefs.py as a
 subprocess on hand-written candidates.jsonl / scores.jsonl. Rewards use the default weights:
 exact +1.0, numeric +0.8, program +0.3 x match, format -0.2."""
 import json
@@ -158,7 +158,7 @@ def test_preference_accuracy():
         preference_accuracy([1.0], [], [], [], beta=0.1)
 
 
-# --- 08_build_preferences.py ---
+# --- 08_build_prefs.py ---
 
 PROMPTS = {  # id -> candidates (text, total, exact_match, format_valid)
     "p1": [("A", 1.3, True, True), ("B", 0.15, False, True), ("C", -0.2, False, False), ("A", 1.3, True, True)],
@@ -187,7 +187,7 @@ def candidates_dir(tmp_path):
 
 
 def run08(tmp_path, *args):
-    command = [sys.executable, "08_build_preferences.py", *map(str, args), "--run_id", "pytest",
+    command = [sys.executable, "08_build_prefs.py", *map(str, args), "--run_id", "pytest",
                "--paths.output_root", str(tmp_path / "outputs")]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -237,7 +237,7 @@ def test_script_no_pairs(tmp_path, candidates_dir):
     done = run08(tmp_path, "--candidates_dir", candidates_dir, "--min_margin", 2.0)   # largest gap is 1.5
     assert done.returncode == 0, done.stderr
     stats = (tmp_path / "outputs" / "pytest" / "08_preferences" / "stats.txt").read_text()
-    assert "pairs: 0 from 3 prompts" in stats and "WARNING: no pairs: 09_dpo_train.py has nothing" in stats
+    assert "pairs: 0 from 3 prompts" in stats and "WARNING: no pairs: 09_train_dpo.py has nothing" in stats
     assert "valid candidates, but no gap >= min_margin (or all tied in rank): 2" in stats   # p1, p3
 
 

@@ -165,7 +165,7 @@ def parse_training_log(text: str) -> list[dict]:
 
 def tokens_from_log(entries: list[dict]) -> float | None:
     """Training tokens a log records: TRL's cumulative num_tokens (its last value), else the sum over
-    steps of train/tokens_per_s x time/step_s (05_ppo_train's rollout tokens); None when neither.
+    steps of train/tokens_per_s x time/step_s (05_train_ppo's rollout tokens); None when neither.
 
     Example:
         >>> tokens_from_log([{"step": 1, "train/tokens_per_s": 50.0, "time/step_s": 2.0}] * 3)

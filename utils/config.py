@@ -1,6 +1,6 @@
 """Configs: model YAML < algorithm YAML < command line, checked against one schema.
 
-    python 06_grpo.py --config qwen2.5-0.5b --algo_config grpo --training.learning_rate 5e-6 --epochs 1
+    python 06_train_grpo.py --config qwen2.5-0.5b --algo_config grpo --training.learning_rate 5e-6 --epochs 1
 
     cfg = load("smollm2-135m", "grpo", ["--algorithm.beta", "0.02", "--batch_size=8"])
     cfg["training"]["per_device_train_batch_size"]  # -> 8

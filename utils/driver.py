@@ -23,11 +23,11 @@ from pathlib import Path
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 # method -> (module folder, script); the folder names are DESIGN.md's
-METHOD_STAGES = {"ppo": ("05_ppo", "05_ppo_train.py"), "grpo": ("06_grpo", "06_grpo_train.py"),
-                 "rloo": ("07_rloo", "07_rloo_train.py"), "dpo": ("09_dpo", "09_dpo_train.py")}
+METHOD_STAGES = {"ppo": ("05_ppo", "05_train_ppo.py"), "grpo": ("06_grpo", "06_train_grpo.py"),
+                 "rloo": ("07_rloo", "07_train_rloo.py"), "dpo": ("09_dpo", "09_train_dpo.py")}
 # scripts that train or generate, so take --quick_test
-QUICK_TEST_SCRIPTS = {"01_prepare_dataset.py", "03_sft_train.py", "04_generate_candidates.py", "05_ppo_train.py",
-                      "06_grpo_train.py", "07_rloo_train.py", "09_dpo_train.py", "10_evaluate.py"}
+QUICK_TEST_SCRIPTS = {"01_prepare_dataset.py", "03_sft_train.py", "04_generate_candidates.py", "05_train_ppo.py",
+                      "06_train_grpo.py", "07_train_rloo.py", "09_train_dpo.py", "10_evaluate.py"}
 SYNTHETIC_DATA_DIR = "datasets/synthetic_processed"
 # flags the driver sets per stage: a pass-through copy would fight it
 RESERVED_OVERRIDES = {"seed": "--seeds", "training.seed": "--seeds", "output_dir": "--run_id and paths.output_root",
@@ -189,7 +189,7 @@ def plan(opts: Options) -> list[Stage]:
                                  f"sample and score candidates from the SFT policy (seed {seed})",
                                  ["--policy_ckpt", sft, "--output_dir", candidates, "--reward_spec", spec],
                                  seed=seed, deps=[f"03_sft{sfx}", "02_rewards"]))
-            stages.append(_stage(opts, f"08_preferences{sfx}", "08_build_preferences.py", prefs,
+            stages.append(_stage(opts, f"08_preferences{sfx}", "08_build_prefs.py", prefs,
                                  f"pair the candidates into DPO preferences (seed {seed})",
                                  ["--candidates_dir", candidates, "--output_dir", prefs],
                                  seed=seed, deps=[f"04_candidates{sfx}"], algo="dpo"))

@@ -1,6 +1,6 @@
 """Preference pairs from scored candidates: which completion of a prompt is preferred to which.
 
-Used by 08_build_preferences.py (building pairs.jsonl) and 09_dpo_train.py (the held-out split).
+Used by 08_build_prefs.py (building pairs.jsonl) and 09_train_dpo.py (the held-out split).
 A candidate is one scored completion: a dict with at least `completion`, `total`, `exact_match`
 and `format_valid` (one line of 04's scores.jsonl). Everything here is pure: no I/O, no globals,
 and no randomness except through an explicit seed.

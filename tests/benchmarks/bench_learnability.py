@@ -172,7 +172,7 @@ def main(args) -> int:
             run_stage("04_candidates", ["04_generate_candidates.py", *common, "--policy_ckpt", str(sft),
                                         "--split", "train", "--data_dir", str(data), "--max_examples",
                                         str(args.dpo_prompts), "--reward_spec", spec], run_dir)
-            run_stage("08_preferences", ["08_build_preferences.py", *common,
+            run_stage("08_preferences", ["08_build_prefs.py", *common,
                                          "--candidates_dir", str(run_dir / "04_candidates")], run_dir)
             argv = [script, "--base_or_sft_ckpt", str(sft), "--pairs",
                     str(run_dir / "08_preferences" / "pairs.jsonl"), "--val_jsonl", str(data / "val.jsonl"),

@@ -1,11 +1,11 @@
 """DPO from the SFT checkpoint on the preference pairs of 08, with TRL's DPOTrainer.
 
-    python 09_dpo_train.py --base_or_sft_ckpt outputs/run_001/03_sft        # its ckpt_sft/best
-    python 09_dpo_train.py --algorithm.beta 0.05 --algorithm.loss_type ipo --learning_rate 5e-5
-    python 09_dpo_train.py --base_or_sft_ckpt smollm2-135m                  # from the base model
-    python 09_dpo_train.py --resume                                         # from the last trainer checkpoint
-    python 09_dpo_train.py --quick_test                                     # 16 pairs, 2 steps
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 09_dpo_train.py --quick_test
+    python 09_train_dpo.py --base_or_sft_ckpt outputs/run_001/03_sft        # its ckpt_sft/best
+    python 09_train_dpo.py --algorithm.beta 0.05 --algorithm.loss_type ipo --learning_rate 5e-5
+    python 09_train_dpo.py --base_or_sft_ckpt smollm2-135m                  # from the base model
+    python 09_train_dpo.py --resume                                         # from the last trainer checkpoint
+    python 09_train_dpo.py --quick_test                                     # 16 pairs, 2 steps
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 09_train_dpo.py --quick_test
 
 Reads outputs/<run_id>/08_preferences/pairs.jsonl (--pairs), holds out algorithm.holdout_fraction
 of the prompts (seeded, whole prompts) and trains on the rest: beta, loss_type and label_smoothing
@@ -113,13 +113,13 @@ def resolve_start(given: str | None, cfg: dict, run_id: str) -> tuple[str, bool]
 
 def load_pairs(path: Path, limit: int | None) -> list[dict]:
     if not path.is_file():
-        raise DPOInputError(f"{path} not found: run python 08_build_preferences.py first (or pass --pairs FILE)")
+        raise DPOInputError(f"{path} not found: run python 08_build_prefs.py first (or pass --pairs FILE)")
     pairs = runs.read_jsonl(path)[:limit]
     for line, pair in enumerate(pairs, start=1):
         missing = [column for column in PAIR_COLUMNS if column not in pair]
         if missing:
             raise DPOInputError(f"{path}: line {line} lacks {', '.join(missing)}; rebuild it with "
-                                f"python 08_build_preferences.py")
+                                f"python 08_build_prefs.py")
     return [{column: pair[column] for column in PAIR_COLUMNS} for pair in pairs]
 
 

@@ -1,10 +1,10 @@
 """GRPO from the SFT checkpoint with TRL's GRPOTrainer.
 
-    python 06_grpo_train.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
-    python 06_grpo_train.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.beta 0.0
-    python 06_grpo_train.py --policy_ckpt outputs/run_001/03_sft --resume        # continue a run
-    python 06_grpo_train.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml 06_grpo_train.py \
+    python 06_train_grpo.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
+    python 06_train_grpo.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.beta 0.0
+    python 06_train_grpo.py --policy_ckpt outputs/run_001/03_sft --resume        # continue a run
+    python 06_train_grpo.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml 06_train_grpo.py \
         --policy_ckpt outputs/run_001/03_sft --algorithm.use_vllm true
 
 Each step samples algorithm.num_generations completions per training prompt, scores them with

@@ -1,10 +1,10 @@
 """PPO from the SFT checkpoint, with our own implementation (utils/ppo.py).
 
-    python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
-    python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.kl_coef 0.1
-    python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --resume        # from the last step_N
-    python 05_ppo_train.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 05_ppo_train.py --quick_test  # 2 CPU procs
+    python 05_train_ppo.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
+    python 05_train_ppo.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.kl_coef 0.1
+    python 05_train_ppo.py --policy_ckpt outputs/run_001/03_sft --resume        # from the last step_N
+    python 05_train_ppo.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 05_train_ppo.py --quick_test  # 2 CPU procs
 
 Each step samples one completion for each of algorithm.rollout_batch_size training prompts (over
 all processes), scores it with the reward spec and takes PPO updates (utils/ppo.py explains the

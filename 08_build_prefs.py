@@ -1,8 +1,8 @@
 """Build DPO preference pairs from the scored candidates of 04.
 
-    python 08_build_preferences.py                                   # outputs/run_001/04_candidates
-    python 08_build_preferences.py --min_margin 0.5 --max_pairs_per_prompt 4
-    python 08_build_preferences.py --candidates_dir outputs/run_002/04_candidates --run_id run_002
+    python 08_build_prefs.py                                   # outputs/run_001/04_candidates
+    python 08_build_prefs.py --min_margin 0.5 --max_pairs_per_prompt 4
+    python 08_build_prefs.py --candidates_dir outputs/run_002/04_candidates --run_id run_002
 
 Reads candidates.jsonl (prompts) and scores.jsonl (one scored candidate per line) and keeps, per
 prompt, every pair (chosen, rejected) where chosen is valid JSON, ranks strictly higher (exact
@@ -128,7 +128,7 @@ def summarize(prompts: list[dict], scored: dict, rows: list[dict], min_margin: f
         histogram_text(margins),
     ]
     if not rows:
-        lines += ["", "WARNING: no pairs: 09_dpo_train.py has nothing to train on. Train SFT longer (so candidates "
+        lines += ["", "WARNING: no pairs: 09_train_dpo.py has nothing to train on. Train SFT longer (so candidates "
                       "are valid JSON), sample more candidates per prompt (04 --num_candidates) or lower "
                       "--min_margin."]
     elif len(rows) < RECOMMENDED_PAIRS:

@@ -1,9 +1,9 @@
 """RLOO (REINFORCE with a leave-one-out baseline) from the SFT checkpoint with TRL's RLOOTrainer.
 
-    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
-    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.beta 0.0
-    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --resume        # continue a run
-    python 07_rloo_train.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
+    python 07_train_rloo.py --policy_ckpt outputs/run_001/03_sft                 # its ckpt_sft/best
+    python 07_train_rloo.py --policy_ckpt outputs/run_001/03_sft --max_steps 50 --algorithm.beta 0.0
+    python 07_train_rloo.py --policy_ckpt outputs/run_001/03_sft --resume        # continue a run
+    python 07_train_rloo.py --policy_ckpt outputs/run_001/03_sft --quick_test    # 8 prompts, 2 steps
 
 Each step samples k = algorithm.num_generations completions per training prompt and scores them
 with the weighted reward components; RLOO subtracts beta x each completion's KL to the SFT policy
