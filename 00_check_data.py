@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from utils import config as config_lib
-from utils import runs
+from utils import cli, runs
 from utils.data import NOTE_PREFIX, DataError, build_context, build_prompt, count_prompt_tokens, \
     load_finqa_split, validate_example
 from utils.finqa_program import OPS, execute, tokenize
@@ -208,66 +208,56 @@ def print_summary(summary: dict) -> None:
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:
-        cfg = config_lib.from_args(args, extra_tokens)
-    except config_lib.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(args, extra_tokens=()) -> dict:
+    cfg = config_lib.from_args(args, extra_tokens)
     seed = cfg["training"]["seed"]
-    folder = runs.module_dir(args.run_id, MODULE, args.output_dir, root=cfg["paths"]["output_root"])
+    folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], root=cfg["paths"]["output_root"])
     data_root = Path(args.data_root)
-    try:
-        with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
-            tokenizer = load_tokenizer_or_none(cfg, args.no_tokenizer)
-            splits, samples, file_errors, ids_by_split = {}, {}, [], {}
-            for split in args.splits:
-                path = data_root / f"{split}.json"
-                try:
-                    examples = load_finqa_split(path)
-                except DataError as error:
-                    file_errors.append(str(error))
-                    continue
-                manifest.add_input(split, path)
-                splits[split] = check_split(split, examples, tokenizer, cfg["training"]["max_prompt_tokens"])
-                valid = [raw for raw in examples if not [p for p in validate_example(raw)
-                                                         if not p.startswith(NOTE_PREFIX)]]
-                samples[split] = pick_samples(valid, args.num_samples, seed)
-                ids_by_split[split] = {raw["id"] for raw in valid}
+    with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
+        tokenizer = load_tokenizer_or_none(cfg, args.no_tokenizer)
+        splits, samples, file_errors, ids_by_split = {}, {}, [], {}
+        for split in args.splits:
+            path = data_root / f"{split}.json"
+            try:
+                examples = load_finqa_split(path)
+            except DataError as error:
+                file_errors.append(str(error))
+                continue
+            manifest.add_input(split, path)
+            splits[split] = check_split(split, examples, tokenizer, cfg["training"]["max_prompt_tokens"])
+            valid = [raw for raw in examples if not [p for p in validate_example(raw)
+                                                     if not p.startswith(NOTE_PREFIX)]]
+            samples[split] = pick_samples(valid, args.num_samples, seed)
+            ids_by_split[split] = {raw["id"] for raw in valid}
 
-            shared_ids = {f"{a}&{b}": sorted(ids_by_split[a] & ids_by_split[b])
-                          for i, a in enumerate(ids_by_split) for b in list(ids_by_split)[i + 1:]
-                          if ids_by_split[a] & ids_by_split[b]}
-            totals = {
-                "n_examples": sum(r["n_examples"] for r in splits.values()),
-                "n_exec_correct": sum(r["n_exec_correct"] for r in splits.values()),
-                "n_exec_mismatches": sum(len(r["exec_mismatches"]) for r in splits.values()),
-                "n_schema_problems": sum(len(r["schema_problems"]) for r in splits.values()),
-                "n_duplicate_ids": sum(len(r["duplicate_ids"]) for r in splits.values()),
-                "n_answer_text_disagreements": sum(len(r["answer_text_disagrees_with_exe_ans"])
-                                                   for r in splits.values()),
-            }
-            summary = {"data_root": str(data_root), "tokenizer": None if tokenizer is None
-                       else cfg["model"]["name_or_path"], "splits": splits, "totals": totals,
-                       "ids_shared_between_splits": shared_ids, "file_errors": file_errors}
-            runs.atomic_write_json(folder / "summary.json", summary)
-            runs.atomic_write_json(folder / "samples.json", samples)
-            manifest.add_output("summary", folder / "summary.json")
-            manifest.add_output("samples", folder / "samples.json")
-            manifest.metrics.update(totals)
-            print_summary(summary)
-            if file_errors:
-                raise DataError("\n".join(file_errors))
-    except DataError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 1
+        shared_ids = {f"{a}&{b}": sorted(ids_by_split[a] & ids_by_split[b])
+                      for i, a in enumerate(ids_by_split) for b in list(ids_by_split)[i + 1:]
+                      if ids_by_split[a] & ids_by_split[b]}
+        totals = {
+            "n_examples": sum(r["n_examples"] for r in splits.values()),
+            "n_exec_correct": sum(r["n_exec_correct"] for r in splits.values()),
+            "n_exec_mismatches": sum(len(r["exec_mismatches"]) for r in splits.values()),
+            "n_schema_problems": sum(len(r["schema_problems"]) for r in splits.values()),
+            "n_duplicate_ids": sum(len(r["duplicate_ids"]) for r in splits.values()),
+            "n_answer_text_disagreements": sum(len(r["answer_text_disagrees_with_exe_ans"])
+                                               for r in splits.values()),
+        }
+        summary = {"data_root": str(data_root), "tokenizer": None if tokenizer is None
+                   else cfg["model"]["name_or_path"], "splits": splits, "totals": totals,
+                   "ids_shared_between_splits": shared_ids, "file_errors": file_errors}
+        runs.atomic_write_json(folder / "summary.json", summary)
+        runs.atomic_write_json(folder / "samples.json", samples)
+        manifest.add_output("summary", folder / "summary.json")
+        manifest.add_output("samples", folder / "samples.json")
+        manifest.metrics.update(totals)
+        print_summary(summary)
+        if file_errors:
+            raise DataError("; ".join(file_errors))
     if args.strict and totals["n_exec_mismatches"]:
-        print(f"--strict: {totals['n_exec_mismatches']} gold programs do not execute to exe_ans",
-              file=sys.stderr)
-        return 1
-    return 0
+        raise cli.JobFailed(f"--strict: {totals['n_exec_mismatches']} gold programs do not execute to exe_ans "
+                            f"(listed in {folder / 'summary.json'})")
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

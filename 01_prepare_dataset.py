@@ -15,11 +15,10 @@ beside the JSONL files and copied to outputs/<run_id>/01_preprocessing/manifest.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from utils import config as config_lib
-from utils import runs
+from utils import cli, runs
 from utils.data import CONTEXT_MODES, DataError, build_context, load_finqa_split, to_processed
 from utils.finqa_program import exec_correct
 
@@ -101,16 +100,12 @@ def process_split(split, examples, args, source, tokenizer, max_prompt_tokens) -
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:
-        cfg = config_lib.from_args(args, extra_tokens)
-    except config_lib.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(args, extra_tokens=()) -> dict:
+    cfg = config_lib.from_args(args, extra_tokens)
     seed = cfg["training"]["seed"]
     source = args.dataset
     default_dir = cfg["paths"]["data_dir"] if source == "finqa" else "datasets/synthetic_processed"
-    out_dir = Path(args.output_dir or default_dir)
+    out_dir = Path(cfg["paths"]["output_dir"] or default_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_folder = runs.module_dir(args.run_id, MODULE, root=cfg["paths"]["output_root"])
     max_prompt_tokens = (cfg["training"]["max_prompt_tokens"] if args.max_prompt_tokens is None
@@ -151,16 +146,12 @@ def main(args, extra_tokens=()) -> int:
             })
             if source == "synthetic":
                 manifest.metrics["synthetic"] = {"num_examples": args.num_examples, "seed": seed}
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     finally:
         if manifest.path.is_file():
             runs.atomic_write_text(run_folder / "manifest.json", manifest.path.read_text(encoding="utf-8"))
     print(f"manifest: {manifest.path} (copy in {run_folder})")
-    return 0
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

@@ -12,12 +12,11 @@ failure category; the expected total is derived from the spec's weights, so the 
 for any weights. `expected_total_default` is the hand-computed total under the seed weights.
 """
 import argparse
-import sys
 from dataclasses import asdict, fields, replace
 
 import yaml
 
-from utils import config, runs
+from utils import cli, config, runs
 from utils.rewards import RewardSpec, load_spec, score, spec_to_yaml
 
 TABLE = [["", "2019", "2020"], ["revenue", "$ 1,000", "1,200"], ["costs", "400", "500"],
@@ -130,17 +129,18 @@ def parse_settings(settings: list[str], base: RewardSpec) -> RewardSpec:
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or key not in types:
-            raise SystemExit(f"--set {setting!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+            raise cli.UsageError(f"--set {setting!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
         value = yaml.safe_load(text)
         wanted = bool if types[key] == "bool" else (int, float)
         if not isinstance(value, wanted) or (wanted != bool and isinstance(value, bool)):
-            raise SystemExit(f"--set {setting!r}: {key} must be {types[key]}")
+            raise cli.UsageError(f"--set {setting!r}: {key} must be {types[key]}")
         changes[key] = value
     return replace(base, **changes)
 
 
-def main(args, cfg):
-    folder = runs.module_dir(args.run_id, "02_rewards", args.output_dir, cfg["paths"]["output_root"])
+def main(args, extra_tokens=()) -> dict:
+    cfg = config.from_args(args, extra_tokens)
+    folder = runs.module_dir(args.run_id, "02_rewards", cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
     spec = parse_settings(args.set, load_spec(args.spec) if args.spec else RewardSpec())
     with runs.Manifest(folder, "02_build_rewards", args, cfg, seed=cfg["training"]["seed"]) as manifest:
         if args.spec:
@@ -159,10 +159,13 @@ def main(args, cfg):
             print(f"  {'ok  ' if r['passed'] else 'FAIL'} {r['name']:<32} total {r['result']['total']:+.3f}"
                   f"  {r['result']['category']}" + "".join(f"\n       {p}" for p in r["problems"]))
         print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    if failed:
+        raise cli.JobFailed(f"{len(failed)} of {len(results)} reward unit tests failed "
+                            f"({', '.join(r['name'] for r in failed)}); see {results_path}")
+    return manifest.metrics
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_common_args(parser)
     parser.add_argument("--spec", default=None,
@@ -170,12 +173,8 @@ def parse_args():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one spec value, e.g. --set numeric_rel_tol=0.02 --set format=-0.5 "
                              f"(keys: {', '.join(f.name for f in fields(RewardSpec))})")
-    args, extra = parser.parse_known_args()
-    try:
-        return args, config.from_args(args, extra)
-    except config.ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    return parser.parse_known_args(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(*parse_args()))
+    cli.run(main, parse_args)

@@ -17,18 +17,17 @@ config.yaml; ckpt_sft/merged with --save_merged), logs/training_log.json, valid_
 trainer/checkpoint-N (optimizer, scheduler and RNG, for --resume) and manifest.json.
 """
 import argparse
-import shutil
 from pathlib import Path
 
+from utils import cli, runs, training
 from utils import config as config_lib
-from utils import runs, training
 
 MODULE = "03_sft"
 # --quick_test: tiny settings that explicit flags still override. 12 steps of 4 is about what the default
 # model needs to write the JSON format (measured: 94% valid at step 10), so the stages after a quick SFT
 # see real answers, not a constant -0.2 reward; 48 new tokens fit the sample's p95 answer (54 tokens).
-QUICK_TEST = {"training.max_steps": "12", "training.save_steps": "6", "training.logging_steps": "1",
-              "validation.eval_steps": "6", "validation.num_samples": "4", "validation.max_new_tokens": "48"}
+QUICK_TEST = {"training.max_steps": 12, "training.save_steps": 6, "training.logging_steps": 1,
+              "validation.eval_steps": 6, "validation.num_samples": 4, "validation.max_new_tokens": 48}
 QUICK_TRAIN_EXAMPLES = 24
 
 
@@ -46,9 +45,9 @@ def parse_args(argv=None):
                              f"{QUICK_TEST['validation.max_new_tokens']} new tokens")
     parser.add_argument("--skip_validation", action="store_true",
                         help="no generation-based validation (the val loss still runs; best = lowest val loss)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last trainer checkpoint in the output folder (optimizer, "
-                             "scheduler, RNG, training log and best so far)")
+    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                        help="continue an interrupted run: from the newest trainer checkpoint in the output "
+                             "folder, or the one given (optimizer, scheduler, RNG, training log and best so far)")
     parser.add_argument("--save_merged", action="store_true",
                         help="also save ckpt_sft/merged: the final LoRA folded into the base model")
     parser.add_argument("--max_train_examples", type=int, help="use only the first N training examples")
@@ -56,21 +55,17 @@ def parse_args(argv=None):
     return parser.parse_known_args(argv)
 
 
-def resolve_config(args, extra_tokens) -> dict:
-    quick = dict(QUICK_TEST) if args.quick_test else {}
-    if args.max_steps is not None:  # the --max_steps shortcut would otherwise lose to --quick_test
-        quick.pop("training.max_steps", None)
-    tokens = [token for key, value in quick.items() for token in (f"--{key}", value)]
-    return config_lib.from_args(args, tokens + list(extra_tokens))
-
-
 def load_split(path: Path, limit: int | None) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py first (or pass "
+                                f"--train_jsonl/--val_jsonl FILE, or --paths.data_dir FOLDER)")
     rows = runs.read_jsonl(path)
     if not rows:
-        raise ValueError(f"{path} holds no examples: rerun python 01_prepare_dataset.py")
+        raise cli.UsageError(f"{path} holds no examples: rerun python 01_prepare_dataset.py")
     missing = [name for name in ("prompt", "completion") if name not in rows[0]]
     if missing:
-        raise ValueError(f"{path}: examples lack {missing}; it is not a processed file from 01_prepare_dataset.py")
+        raise cli.UsageError(f"{path}: examples lack {missing}; it is not a processed file from "
+                             f"01_prepare_dataset.py")
     return rows[:limit] if limit else rows
 
 
@@ -82,29 +77,13 @@ def to_dataset(rows: list[dict]):
     return Dataset.from_list([{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
-def prepare_folder(folder: Path, resume: bool) -> str | None:
-    """The trainer checkpoint to resume from; a fresh run clears the previous run's outputs."""
-    if resume:
-        last = training.last_trainer_checkpoint(folder / "trainer")
-        if last is None:
-            raise FileNotFoundError(f"--resume: no trainer checkpoint (checkpoint-N) in {folder / 'trainer'}; "
-                                    f"run without --resume to start training")
-        print(f"resuming from {last}")
-        return last
-    for name in ("trainer", "ckpt_sft", "logs", "valid_samples"):
-        if (folder / name).exists():
-            print(f"fresh run: removing the previous {folder / name} (use --resume to continue it)")
-            shutil.rmtree(folder / name)
-    return None
-
-
-def main(args, extra_tokens=()) -> None:
-    cfg = resolve_config(args, extra_tokens)
+def main(args, extra_tokens=()) -> dict:
+    cfg = config_lib.from_args(args, extra_tokens, QUICK_TEST)
     print(config_lib.dump(cfg))
     folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
     ckpt_dir, trainer_dir = folder / "ckpt_sft", folder / "trainer"
     log_path = folder / "logs" / "training_log.json"
-    resume_from = prepare_folder(folder, args.resume)
+    resume_from = training.prepare_folder(folder, ("ckpt_sft", "logs", "valid_samples"), args.resume)
     runs.seed_everything(cfg["training"]["seed"])
     data_dir = Path(cfg["paths"]["data_dir"])
     train_path = Path(args.train_jsonl or data_dir / "train.jsonl")
@@ -142,9 +121,10 @@ def main(args, extra_tokens=()) -> None:
         validation = None if args.skip_validation else training.ValidationCallback(
             val_rows, tokenizer, folder / "valid_samples", spec=spec,
             max_new_tokens=cfg["validation"]["max_new_tokens"], batch_size=cfg["validation"]["batch_size"])
-        checkpoints = training.CheckpointCallback(ckpt_dir, tokenizer, cfg, validation=validation, resume=args.resume,
+        checkpoints = training.CheckpointCallback(ckpt_dir, tokenizer, cfg, validation=validation,
+                                                  resume=resume_from is not None,
                                                   save_total_limit=cfg["training"]["save_total_limit"])
-        log = training.JsonLogCallback(log_path)
+        log = training.JsonLogCallback(log_path, cfg["training"]["report_to"])
         callbacks = [training.NonFiniteGuard(ckpt_dir, trainer_dir), *([validation] if validation else []),
                      checkpoints, log]
         trainer = SFTTrainer(model=model, args=sft_config, train_dataset=to_dataset(train_rows),
@@ -180,7 +160,8 @@ def main(args, extra_tokens=()) -> None:
         })
         print(f"done: final {final}; best step {best.get('step')} {best.get('metrics')}; "
               f"{log.tokens_per_s or 0:.1f} train tokens/s")
+        return manifest.metrics
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    cli.run(main, parse_args)

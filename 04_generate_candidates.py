@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from utils import cli, runs
 from utils import config as config_lib
-from utils import runs
-from utils.generation import NonFiniteLogitsError, generate
-from utils.modeling import ModelLoadError, load_model, load_tokenizer, resolve_model_path
-from utils.rewards import RewardSpec, extract_response, load_spec, score
+from utils.generation import generate
+from utils.modeling import load_model, load_tokenizer, resolve_checkpoint, resolve_model_path
+from utils.rewards import extract_response, score
+from utils.training import resolve_reward_spec
 
 MODULE = "04_candidates"
 QUICK_TEST = {"max_examples": 8, "num_candidates": 2, "max_new_tokens": 48}
-
-
-class CandidateError(RuntimeError):
-    """A missing or unusable input; the message names it and the fix."""
 
 
 def parse_args(argv=None):
@@ -41,8 +37,8 @@ def parse_args(argv=None):
         if action.dest == "batch_size":
             action.help = "prompts per generate call (default: the config's generation.batch_size)"
     parser.add_argument("--policy_ckpt", default=None,
-                        help="an SFT run folder (uses its ckpt_sft/best), a checkpoint folder (LoRA "
-                             "adapter or full model), or omitted for the config's base model")
+                        help="a run folder (its SFT policy), a module folder (its ckpt_*/best), a ckpt_* folder, "
+                             "a checkpoint folder, or a base model name; omitted: the config's base model")
     parser.add_argument("--split", choices=("train", "val", "test"), default="train")
     parser.add_argument("--data_dir", default=None, help="processed JSONL folder (default: paths.data_dir)")
     parser.add_argument("--num_candidates", type=int, default=None,
@@ -62,33 +58,6 @@ def parse_args(argv=None):
 
 
 # --- helpers ---
-
-def resolve_policy(policy_ckpt: str | None, cfg: dict) -> tuple[str, Path | None]:
-    """(what load_model takes, folder to fingerprint or None for a hub id)."""
-    if policy_ckpt is None:
-        path = resolve_model_path(cfg)
-        return path, (Path(path) if Path(path).is_dir() else None)
-    folder = Path(policy_ckpt)
-    if (folder / "ckpt_sft" / "best").is_dir():
-        folder = folder / "ckpt_sft" / "best"
-    if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-        return str(folder), folder
-    shown = folder if folder.is_dir() else folder.parent
-    listing = sorted(p.name + ("/" if p.is_dir() else "") for p in shown.iterdir()) if shown.is_dir() else []
-    raise CandidateError(
-        f"--policy_ckpt {policy_ckpt}: no checkpoint at {folder} (expected adapter_config.json, "
-        f"config.json or ckpt_sft/best/). {shown} holds: {', '.join(listing) or 'nothing (missing)'}. "
-        f"Train one with python 03_sft_train.py, or pass a checkpoint folder such as .../ckpt_sft/final")
-
-
-def resolve_reward_spec(path: str | None, cfg: dict, run_id: str) -> tuple[RewardSpec, Path | None]:
-    if path is None:
-        default = Path(cfg["paths"]["output_root"]) / run_id / "02_rewards" / "reward_spec.yaml"
-        if not default.is_file():
-            return RewardSpec(), None
-        path = default
-    return load_spec(path), Path(path)
-
 
 def candidate_stats(rows: list[dict], scores: list[list]) -> dict:
     """Statistics over prompts (rows) and their scored candidates (scores[i][k] = (text, result))."""
@@ -113,12 +82,9 @@ def candidate_stats(rows: list[dict], scores: list[list]) -> dict:
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:  # --batch_size is this script's generation batch: keep it out of the training section
-        cfg = config_lib.from_args(argparse.Namespace(**{**vars(args), "batch_size": None}), extra_tokens)
-    except config_lib.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(args, extra_tokens=()) -> dict:
+    # --batch_size is this script's generation batch: keep it out of the training section
+    cfg = config_lib.from_args(argparse.Namespace(**{**vars(args), "batch_size": None}), extra_tokens)
     quick = QUICK_TEST if args.quick_test else {}
     gen = cfg["generation"]  # the values used, so the manifest's config tells the truth
     gen.update(batch_size=args.batch_size or gen["batch_size"], temperature=args.temperature, top_p=args.top_p,
@@ -126,71 +92,67 @@ def main(args, extra_tokens=()) -> int:
                max_new_tokens=args.max_new_tokens or quick.get("max_new_tokens") or gen["max_new_tokens"])
     max_examples = args.max_examples or quick.get("max_examples")
     seed = cfg["training"]["seed"]
-    folder = runs.module_dir(args.run_id, MODULE, args.output_dir, cfg["paths"]["output_root"])
+    folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
     runs.seed_everything(seed)
-    try:
-        with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
-            # --- data ---
-            data_path = Path(args.data_dir or cfg["paths"]["data_dir"]) / f"{args.split}.jsonl"
-            if not data_path.is_file():
-                raise CandidateError(f"{data_path} not found: run `python 01_prepare_dataset.py` first "
-                                     f"(or pass --data_dir FOLDER holding {args.split}.jsonl)")
-            examples = runs.read_jsonl(data_path)[:max_examples]
-            manifest.add_input("data", data_path)
-            spec, spec_path = resolve_reward_spec(args.reward_spec, cfg, args.run_id)
-            if spec_path is not None:
-                manifest.add_input("reward_spec", spec_path)
+    with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
+        # --- data ---
+        data_path = Path(args.data_dir or cfg["paths"]["data_dir"]) / f"{args.split}.jsonl"
+        if not data_path.is_file():
+            raise FileNotFoundError(f"{data_path} not found: run `python 01_prepare_dataset.py` first "
+                                 f"(or pass --data_dir FOLDER holding {args.split}.jsonl)")
+        examples = runs.read_jsonl(data_path)[:max_examples]
+        manifest.add_input("data", data_path)
+        spec, spec_path = resolve_reward_spec(args.reward_spec, cfg, args.run_id)
+        if spec_path is not None:
+            manifest.add_input("reward_spec", spec_path)
 
-            # --- model ---
-            policy, policy_folder = resolve_policy(args.policy_ckpt, cfg)
-            if args.policy_ckpt is None:
-                print(f"no --policy_ckpt: sampling from the base model {policy} (config {args.config})")
-            if policy_folder is not None:
-                manifest.add_input("checkpoint", policy_folder)
-            model = load_model(policy, dtype=cfg["model"]["dtype"])
-            tokenizer = load_tokenizer(policy)
-            if not tokenizer.chat_template and cfg["model"]["chat_template"]:
-                tokenizer.chat_template = cfg["model"]["chat_template"]
-            print(f"{len(examples)} prompts from {data_path} x {gen['num_candidates']} candidates, "
-                  f"temperature {gen['temperature']}, top_p {gen['top_p']}, {model.dtype}, "
-                  f"reward spec {spec_path or 'built-in defaults'}")
+        # --- model ---
+        policy = resolve_checkpoint(args.policy_ckpt) if args.policy_ckpt else resolve_model_path(cfg)
+        if args.policy_ckpt is None:
+            print(f"no --policy_ckpt: sampling from the base model {policy} (config {args.config})")
+        if Path(policy).is_dir():
+            manifest.add_input("checkpoint", policy)
+        model = load_model(policy, dtype=cfg["model"]["dtype"])
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # the base weights' (a PeftModel's too)
+        tokenizer = load_tokenizer(policy)
+        if not tokenizer.chat_template and cfg["model"]["chat_template"]:
+            tokenizer.chat_template = cfg["model"]["chat_template"]
+        print(f"{len(examples)} prompts from {data_path} x {gen['num_candidates']} candidates, "
+              f"temperature {gen['temperature']}, top_p {gen['top_p']}, {dtype}, "
+              f"reward spec {spec_path or 'built-in defaults'}")
 
-            # --- generate ---
-            started = time.monotonic()
-            outputs = generate(model, tokenizer, [example["prompt"] for example in examples],
-                               max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"],
-                               do_sample=gen["do_sample"], temperature=gen["temperature"], top_p=gen["top_p"],
-                               num_return_sequences=gen["num_candidates"], seed=seed,
-                               desc="candidates", checkpoint=policy)
-            wall_time = time.monotonic() - started
+        # --- generate ---
+        started = time.monotonic()
+        outputs = generate(model, tokenizer, [example["prompt"] for example in examples],
+                           max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"],
+                           do_sample=gen["do_sample"], temperature=gen["temperature"], top_p=gen["top_p"],
+                           num_return_sequences=gen["num_candidates"], seed=seed,
+                           desc="candidates", checkpoint=policy)
+        wall_time = time.monotonic() - started
 
-            # --- score ---
-            rows, scores, score_rows = [], [], []
-            for example, output in zip(examples, outputs):
-                rows.append({"id": example["id"], "prompt": example["prompt"], **output})
-                scored = [(text, score(text, example, spec)) for text in output["completions"]]
-                scores.append(scored)
-                score_rows += [{"id": example["id"], "candidate": k, "completion": text, **result.to_dict()}
-                               for k, (text, result) in enumerate(scored)]
-            tokens = sum(n for output in outputs for n in output["num_tokens"])
-            stats = {**candidate_stats(rows, scores), "tokens_generated": tokens,
-                     "wall_time_s": round(wall_time, 3), "tokens_per_s": tokens / max(wall_time, 1e-9),
-                     "split": args.split, "policy": policy, "dtype": str(model.dtype).replace("torch.", ""),
-                     "reward_spec": str(spec_path) if spec_path else "built-in defaults"}
-            for name, path, content in (("candidates", "candidates.jsonl", rows),
-                                        ("scores", "scores.jsonl", score_rows), ("stats", "stats.json", stats)):
-                write = runs.atomic_write_json if path.endswith(".json") else runs.atomic_write_jsonl
-                manifest.add_output(name, write(folder / path, content))
-            manifest.metrics.update(stats)
-    except (CandidateError, ModelLoadError, NonFiniteLogitsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        # --- score ---
+        rows, scores, score_rows = [], [], []
+        for example, output in zip(examples, outputs):
+            rows.append({"id": example["id"], "prompt": example["prompt"], **output})
+            scored = [(text, score(text, example, spec)) for text in output["completions"]]
+            scores.append(scored)
+            score_rows += [{"id": example["id"], "candidate": k, "completion": text, **result.to_dict()}
+                           for k, (text, result) in enumerate(scored)]
+        tokens = sum(n for output in outputs for n in output["num_tokens"])
+        stats = {**candidate_stats(rows, scores), "tokens_generated": tokens,
+                 "wall_time_s": round(wall_time, 3), "tokens_per_s": tokens / max(wall_time, 1e-9),
+                 "split": args.split, "policy": policy, "dtype": dtype,
+                 "reward_spec": str(spec_path) if spec_path else "built-in defaults"}
+        for name, path, content in (("candidates", "candidates.jsonl", rows),
+                                    ("scores", "scores.jsonl", score_rows), ("stats", "stats.json", stats)):
+            write = runs.atomic_write_json if path.endswith(".json") else runs.atomic_write_jsonl
+            manifest.add_output(name, write(folder / path, content))
+        manifest.metrics.update(stats)
     print(f"parse_rate {stats['parse_rate']:.3f}  pass@1 {stats['pass@1']:.3f}  pass@{stats['k']} "
           f"{stats['pass@k']:.3f}  reward_mean {stats['reward_mean']:.3f}  "
           f"{stats['tokens_per_s']:.1f} tokens/s -> {folder}")
-    return 0
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

@@ -24,7 +24,8 @@ Writes outputs/<run_id>/06_grpo/:
   trainer/checkpoint-N             optimizer, scheduler and RNG, for --resume
   manifest.json
 """
-from utils import rl
+from utils import cli, rl
+from utils import config as config_lib
 
 MODULE = "06_grpo"
 
@@ -45,10 +46,14 @@ def build_trainer(cfg: dict, trainer_args: dict, inputs: dict, folder):
     return GRPOTrainer(args=grpo_config, **inputs)
 
 
+def parse_args(argv=None):
+    return rl.parse_args(__doc__, "grpo", argv)
+
+
 def main(args, extra_tokens=()) -> dict:
-    cfg = rl.resolve_config(args, extra_tokens)
+    cfg = config_lib.from_args(args, extra_tokens, rl.QUICK_TEST)
     return rl.run(MODULE, cfg, args, build_trainer)
 
 
 if __name__ == "__main__":
-    main(*rl.parse_args(__doc__, "grpo"))
+    cli.run(main, parse_args)

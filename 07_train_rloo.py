@@ -14,35 +14,39 @@ The SFT LoRA adapter itself is trained against a frozen copy (utils/rl.py).
 Writes outputs/<run_id>/07_rloo/: the same layout as 06_grpo (ckpt_rloo/{step_N,best,final},
 logs/training_log.json, val_generations/step_N.jsonl, trainer/, manifest.json) plus
 logs/rloo_samples.jsonl: one line per sampled completion and step, {"step", "group", "id",
-"reward" (the weighted total), "rewards" (each component), "baseline" (the mean of the other
-k - 1 totals of its group), "advantage" (TRL's, which also carries the KL term)}.
+"reward" (the weighted total), "rewards" (each reward function's value), "baseline" (the mean of
+the other k - 1 totals of its group), "loo_advantage" (reward - baseline: RLOO's advantage when
+beta is 0)}, written from TRL's reward-function hooks (utils.rl.SampleLog).
 """
-from utils import rl
+from utils import cli, rl
+from utils import config as config_lib
 
 MODULE = "07_rloo"
 
 
 def build_trainer(cfg: dict, trainer_args: dict, inputs: dict, folder):
-    """TRL's RLOOTrainer with the shared arguments and RLOO's own (configs/algorithms/rloo.yaml),
-    recording every sample's reward and baseline in logs/rloo_samples.jsonl."""
+    """TRL's RLOOTrainer with the shared arguments and RLOO's own (configs/algorithms/rloo.yaml)."""
     from trl import RLOOConfig, RLOOTrainer
-
-    class Trainer(rl.LeaveOneOutSampleLog, RLOOTrainer):
-        samples_path = folder / "logs" / "rloo_samples.jsonl"
 
     rloo_config = RLOOConfig(
         **trainer_args,
         normalize_advantages=cfg["algorithm"]["normalize_advantages"],  # LOO advantages are centred already
     )
-    return Trainer(args=rloo_config, **inputs)
+    return RLOOTrainer(args=rloo_config, **inputs)
+
+
+def parse_args(argv=None):
+    return rl.parse_args(__doc__, "rloo", argv)
 
 
 def main(args, extra_tokens=()) -> dict:
     # algorithm.baseline can only be "loo" (the config schema rejects anything else): TRL's
     # RLOOTrainer always uses the leave-one-out baseline; for a group-mean baseline run 06 GRPO
-    cfg = rl.resolve_config(args, extra_tokens)
-    return rl.run(MODULE, cfg, args, build_trainer)
+    cfg = config_lib.from_args(args, extra_tokens, rl.QUICK_TEST)
+    folder = rl.output_folder(args, cfg, MODULE)
+    sample_log = rl.SampleLog(folder / "logs" / "rloo_samples.jsonl", cfg["algorithm"]["num_generations"])
+    return rl.run(MODULE, cfg, args, build_trainer, sample_log)
 
 
 if __name__ == "__main__":
-    main(*rl.parse_args(__doc__, "rloo"))
+    cli.run(main, parse_args)

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from utils import config as config_lib
-from utils import runs
+from utils import cli, runs
 from utils.preferences import build_pairs, histogram_text
 
 MODULE = "08_preferences"
 RECOMMENDED_PAIRS = 10_000  # the seed's target: fewer pairs give a noisy DPO signal
 SCORE_FIELDS = ("id", "candidate", "completion", "total", "exact_match", "format_valid")
-
-
-class PreferenceError(RuntimeError):
-    """A missing or inconsistent input; the message names it and the fix."""
 
 
 def parse_args(argv=None):
@@ -54,7 +49,7 @@ def load_candidates(folder: Path) -> tuple[list[dict], dict[str, list[dict]]]:
     paths = {name: folder / f"{name}.jsonl" for name in ("candidates", "scores")}
     for path in paths.values():
         if not path.is_file():
-            raise PreferenceError(f"{path} not found: run `python 04_generate_candidates.py` first "
+            raise cli.UsageError(f"{path} not found: run `python 04_generate_candidates.py` first "
                                   f"(or pass --candidates_dir FOLDER holding candidates.jsonl and scores.jsonl)")
     prompts = runs.read_jsonl(paths["candidates"])
     completions = {row["id"]: row["completions"] for row in prompts}
@@ -62,11 +57,11 @@ def load_candidates(folder: Path) -> tuple[list[dict], dict[str, list[dict]]]:
     for line, row in enumerate(runs.read_jsonl(paths["scores"]), start=1):
         missing = [field for field in SCORE_FIELDS if field not in row]
         if missing:
-            raise PreferenceError(f"{paths['scores']}: line {line} lacks {', '.join(missing)}; "
+            raise cli.UsageError(f"{paths['scores']}: line {line} lacks {', '.join(missing)}; "
                                   f"rerun `python 04_generate_candidates.py`")
         texts = completions.get(row["id"])
         if texts is None or not 0 <= row["candidate"] < len(texts) or texts[row["candidate"]] != row["completion"]:
-            raise PreferenceError(f"{paths['scores']}: line {line} (id {row['id']!r}, candidate {row['candidate']}) "
+            raise cli.UsageError(f"{paths['scores']}: line {line} (id {row['id']!r}, candidate {row['candidate']}) "
                                   f"does not match {paths['candidates']}: the files come from different runs; "
                                   f"rerun `python 04_generate_candidates.py`")
         scored[row["id"]].append(row)
@@ -140,39 +135,30 @@ def summarize(prompts: list[dict], scored: dict, rows: list[dict], min_margin: f
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:
-        cfg = config_lib.from_args(args, extra_tokens)
-    except config_lib.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(args, extra_tokens=()) -> dict:
+    cfg = config_lib.from_args(args, extra_tokens)
     if args.min_margin is not None:  # the value used goes into the manifest's config
         cfg["algorithm"]["min_margin"] = args.min_margin
     min_margin = cfg["algorithm"]["min_margin"]
     root = Path(cfg["paths"]["output_root"])
     candidates_dir = Path(args.candidates_dir) if args.candidates_dir else root / args.run_id / "04_candidates"
-    folder = runs.module_dir(args.run_id, MODULE, args.output_dir, root)
-    try:
-        with runs.Manifest(folder, MODULE, vars(args), cfg, cfg["training"]["seed"]) as manifest:
-            # --- data ---
-            prompts, scored = load_candidates(candidates_dir)
-            manifest.add_input("candidates", candidates_dir / "candidates.jsonl")
-            manifest.add_input("scores", candidates_dir / "scores.jsonl")
+    folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], root)
+    with runs.Manifest(folder, MODULE, vars(args), cfg, cfg["training"]["seed"]) as manifest:
+        # --- data ---
+        prompts, scored = load_candidates(candidates_dir)
+        manifest.add_input("candidates", candidates_dir / "candidates.jsonl")
+        manifest.add_input("scores", candidates_dir / "scores.jsonl")
 
-            # --- pairs ---
-            rows = pair_rows(prompts, scored, min_margin, args.max_pairs_per_prompt)
-            metrics, stats = summarize(prompts, scored, rows, min_margin)
-            manifest.add_output("pairs", runs.atomic_write_jsonl(folder / "pairs.jsonl", rows))
-            manifest.add_output("stats", runs.atomic_write_text(folder / "stats.txt", stats))
-            manifest.metrics.update(metrics)
-    except (PreferenceError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        # --- pairs ---
+        rows = pair_rows(prompts, scored, min_margin, args.max_pairs_per_prompt)
+        metrics, stats = summarize(prompts, scored, rows, min_margin)
+        manifest.add_output("pairs", runs.atomic_write_jsonl(folder / "pairs.jsonl", rows))
+        manifest.add_output("stats", runs.atomic_write_text(folder / "stats.txt", stats))
+        manifest.metrics.update(metrics)
     print(stats, end="")
     print(f"-> {folder / 'pairs.jsonl'}")
-    return 0
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

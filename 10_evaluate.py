@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from utils import cli, runs
 from utils import config as config_lib
-from utils import runs
 from utils.metrics import aggregate, failure_counts, format_table, score_official
 from utils.rewards import COMPONENTS, RewardSpec, load_spec, score, spec_to_yaml
 
@@ -36,10 +36,6 @@ MODULE = "10_evaluation"
 QUICK_TEST_EXAMPLES = 16
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 FACTS = ("exec_correct", "program_equivalent", "answer_correct", "numeric_close", "format_valid", "program_valid")
-
-
-class EvalError(Exception):
-    """An input is missing or unusable; the message names it and the fix."""
 
 
 def parse_args(argv=None):
@@ -66,25 +62,6 @@ def parse_args(argv=None):
 
 # --- inputs ---
 
-def is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def resolve_checkpoint(given: str) -> Path:
-    """The checkpoint behind --policy_ckpt: the folder itself, its best/, or its one ckpt_*/best."""
-    path = Path(given)
-    found = [p for p in (path, path / "best", *sorted(path.glob("ckpt_*/best"))) if is_model_folder(p)]
-    if len(found) == 1 or (found and found[0] == path):
-        return found[0]
-    if found:
-        raise EvalError(f"--policy_ckpt {path}: several checkpoints inside ({', '.join(map(str, found))}): pass one")
-    where = path if path.is_dir() else path.parent
-    held = (", ".join(sorted(p.name for p in where.iterdir())[:20]) or "nothing") if where.is_dir() else "(absent too)"
-    problem = ("not a checkpoint (no config.json or adapter_config.json) and no ckpt_*/best inside"
-               if path.exists() else "no such folder")
-    raise EvalError(f"--policy_ckpt {path}: {problem}; {where} holds: {held}")
-
-
 def derive_policy_name(checkpoint: Path) -> str:
     """ckpt_sft/best -> sft, ckpt_grpo/step_50 -> grpo_step_50, 03_sft/x -> sft, else the folder name."""
     parts = checkpoint.parts
@@ -99,21 +76,21 @@ def derive_policy_name(checkpoint: Path) -> str:
 def load_examples(path: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
     """(evaluated examples, all examples) of a processed JSONL."""
     if not path.is_file():
-        raise EvalError(f"data file {path} not found: run `python 01_prepare_dataset.py` (writes "
+        raise cli.UsageError(f"data file {path} not found: run `python 01_prepare_dataset.py` (writes "
                         f"{path.parent}/{{train,val,test}}.jsonl), or pass --test_jsonl FILE")
     try:
         examples = runs.read_jsonl(path)
     except ValueError as error:
-        raise EvalError(str(error)) from None
+        raise cli.UsageError(str(error)) from None
     if not examples:
-        raise EvalError(f"data file {path} holds no examples: rerun `python 01_prepare_dataset.py`")
+        raise cli.UsageError(f"data file {path} holds no examples: rerun `python 01_prepare_dataset.py`")
     return (examples[:limit] if limit is not None else examples), examples
 
 
 def read_predictions(path: Path) -> list[dict]:
     """Rows of a predictions file (JSON list or JSONL); errors name the file and line/entry."""
     if not path.is_file():
-        raise EvalError(f"--predictions {path}: no such file")
+        raise cli.UsageError(f"--predictions {path}: no such file")
     text = path.read_text(encoding="utf-8")
     hint = 'expected {"id", "completion": text} or {"id", "predicted": [tokens..., "EOF"]}'
     whole = text.lstrip().startswith("[")  # the official format is one JSON list
@@ -123,16 +100,16 @@ def read_predictions(path: Path) -> list[dict]:
         try:
             value = json.loads(piece)
         except json.JSONDecodeError as error:
-            raise EvalError(f"{path}: line {lineno + error.lineno - 1}: invalid JSON ({error.msg}); {hint}") from None
+            raise cli.UsageError(f"{path}: line {lineno + error.lineno - 1}: invalid JSON ({error.msg}); {hint}") from None
         located += [(f"entry {i}", row) for i, row in enumerate(value)] if whole else [(f"line {lineno}", value)]
     seen = set()
     for where, row in located:
         tokens = row.get("predicted") if isinstance(row, dict) else None
         if not (isinstance(row, dict) and "id" in row and (isinstance(row.get("completion"), str) or (
                 isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)))):
-            raise EvalError(f"{path}: {where}: {hint}, got {json.dumps(row)[:120]}")
+            raise cli.UsageError(f"{path}: {where}: {hint}, got {json.dumps(row)[:120]}")
         if str(row["id"]) in seen:
-            raise EvalError(f"{path}: {where}: id {row['id']!r} appears twice")
+            raise cli.UsageError(f"{path}: {where}: id {row['id']!r} appears twice")
         seen.add(str(row["id"]))
     return [row for _, row in located]
 
@@ -144,7 +121,7 @@ def score_predictions(examples, all_examples, predictions, spec, path):
     by_id = {str(row["id"]): row for row in predictions}
     known = {str(example.get("id")) for example in all_examples}
     if unknown := [i for i in by_id if i not in known]:
-        raise EvalError(f"{path}: {len(unknown)} prediction ids are not in the data (wrong --split or "
+        raise cli.UsageError(f"{path}: {len(unknown)} prediction ids are not in the data (wrong --split or "
                         f"--test_jsonl?), e.g. {unknown[:5]}")
     results, rows = [], []
     for example in examples:
@@ -163,25 +140,22 @@ def score_predictions(examples, all_examples, predictions, spec, path):
 
 def generate_completions(cfg, checkpoint, examples, args, seed):
     """(completions, num_tokens, wall_time_s, dtype, device) from greedy decoding."""
-    from utils.generation import NonFiniteLogitsError, generate
-    from utils.modeling import ModelLoadError, load_model, load_tokenizer
+    from utils.generation import generate
+    from utils.modeling import load_model, load_tokenizer
 
     if missing := [str(e.get("id")) for e in examples if not isinstance(e.get("prompt"), list)]:
-        raise EvalError(f"examples without a chat 'prompt', e.g. {missing[:3]}: rerun `python 01_prepare_dataset.py`")
+        raise cli.UsageError(f"examples without a chat 'prompt', e.g. {missing[:3]}: rerun `python 01_prepare_dataset.py`")
     reference = str(checkpoint) if checkpoint else cfg
-    try:
-        model = load_model(reference, dtype=cfg["model"]["dtype"])
-        tokenizer = load_tokenizer(reference)
-    except ModelLoadError as error:
-        raise EvalError(str(error)) from None
+    model = load_model(reference, dtype=cfg["model"]["dtype"])
+    tokenizer = load_tokenizer(reference)
     runs.seed_everything(seed)
     started = time.perf_counter()
     try:
         outputs = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, do_sample=False, seed=seed, desc="evaluating",
                            checkpoint=str(checkpoint) if checkpoint else cfg["model"]["name_or_path"])
-    except (NonFiniteLogitsError, ValueError) as error:
-        raise EvalError(str(error)) from None
+    except ValueError as error:  # a prompt longer than the context allows
+        raise cli.UsageError(str(error)) from None
     wall, weight = time.perf_counter() - started, next(model.parameters())
     return ([o["completions"][0] for o in outputs], [o["num_tokens"][0] for o in outputs], wall,
             str(weight.dtype).replace("torch.", ""), str(weight.device))
@@ -210,22 +184,18 @@ def breakdown_csv(examples, results) -> str:
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:
-        # --batch_size is the generation batch here: keep it out of training.per_device_train_batch_size
-        cfg = config_lib.from_args(argparse.Namespace(**{**vars(args), "batch_size": None}), extra_tokens)
-        return evaluate(args, cfg)
-    except (EvalError, config_lib.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def main(args, extra_tokens=()) -> dict:
+    # --batch_size is the generation batch here: keep it out of training.per_device_train_batch_size
+    cfg = config_lib.from_args(argparse.Namespace(**{**vars(args), "batch_size": None}), extra_tokens)
+    return evaluate(args, cfg)
 
 
-def evaluate(args, cfg) -> int:
+def evaluate(args, cfg) -> dict:
     seed, paths = cfg["training"]["seed"], cfg["paths"]
     args.batch_size = args.batch_size or cfg["generation"]["batch_size"]
     args.max_new_tokens = args.max_new_tokens or cfg["generation"]["max_new_tokens"]
     if args.max_examples is not None and args.max_examples < 1:
-        raise EvalError(f"--max_examples must be at least 1, got {args.max_examples}")
+        raise cli.UsageError(f"--max_examples must be at least 1, got {args.max_examples}")
     limit = min(args.max_examples or 10**9, QUICK_TEST_EXAMPLES if args.quick_test else 10**9)
 
     # --- inputs ---
@@ -233,21 +203,23 @@ def evaluate(args, cfg) -> int:
     examples, all_examples = load_examples(data_file, limit)
     predictions_path = Path(args.predictions) if args.predictions else None
     if args.policy_ckpt and predictions_path:
-        raise EvalError("--policy_ckpt and --predictions exclude each other: predictions need no model")
+        raise cli.UsageError("--policy_ckpt and --predictions exclude each other: predictions need no model")
     predictions = read_predictions(predictions_path) if predictions_path else None
-    checkpoint = resolve_checkpoint(args.policy_ckpt) if args.policy_ckpt else None
+    if args.policy_ckpt:
+        from utils.modeling import resolve_checkpoint  # torch: imported only where a model is used
+    checkpoint = Path(resolve_checkpoint(args.policy_ckpt)) if args.policy_ckpt else None
     default_spec = Path(paths["output_root"]) / args.run_id / "02_rewards" / "reward_spec.yaml"
     spec_path = Path(args.reward_spec) if args.reward_spec else (default_spec if default_spec.is_file() else None)
     try:
         spec = load_spec(spec_path) if spec_path else RewardSpec()
     except (FileNotFoundError, ValueError) as error:
-        raise EvalError(str(error)) from None
+        raise cli.UsageError(str(error)) from None
     spec_sha = runs.sha256_file(spec_path) if spec_path else hashlib.sha256(spec_to_yaml(spec).encode()).hexdigest()
     policy_name = args.policy_name or (predictions_path.stem if predictions_path else
                                        derive_policy_name(checkpoint) if checkpoint else "base")
     if not NAME_PATTERN.fullmatch(policy_name) or set(policy_name) == {"."}:
-        raise EvalError(f"--policy_name {policy_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
-    folder = runs.module_dir(args.run_id, f"{MODULE}/{policy_name}", args.output_dir, paths["output_root"])
+        raise cli.UsageError(f"--policy_name {policy_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    folder = runs.module_dir(args.run_id, f"{MODULE}/{policy_name}", paths["output_dir"], paths["output_root"])
 
     with runs.Manifest(folder, MODULE, vars(args), cfg, seed) as manifest:
         for name, path in (("data", data_file), ("predictions", predictions_path), ("checkpoint", checkpoint),
@@ -291,9 +263,8 @@ def evaluate(args, cfg) -> int:
     print("\n" + format_table(metrics))
     speed = f", {metrics['tokens_per_s']:.1f} tokens/s" if metrics["tokens_per_s"] else ""
     print(f"n_examples {metrics['n_examples']}{speed}; categories {metrics['failure_counts']}\nwrote {folder}")
-    return 0
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

@@ -27,7 +27,7 @@ import yaml
 
 from utils import comparison as cmp
 from utils import config as config_lib
-from utils import plots, runs
+from utils import cli, plots, runs
 from utils.metrics import bootstrap_ci
 
 MODULE = "11_comparison"
@@ -37,10 +37,6 @@ TOKEN_KEYS = ("train_tokens", "tokens_seen", "num_tokens", "total_tokens", "toke
 MEMORY_KEYS = {"peak_memory_gb": 1.0, "peak_gpu_memory_gb": 1.0, "peak_memory_mb": 1 / 1024, "peak_rss_gb": 1.0}
 PLOTS = {"reward_vs_method": plots.bars_by_policy, "efficiency_vs_quality": plots.efficiency_vs_quality,
          "training_curves": plots.training_curves, "score_vs_seed": plots.score_vs_seed}
-
-
-class CompareError(Exception):
-    """An input is missing or unusable; the message names it and the fix."""
 
 
 def parse_args(argv=None):
@@ -67,9 +63,9 @@ def expand_inputs(patterns) -> list[Path]:
         if not found:
             warn(f"{pattern!r} matches no file")
     if missing := [str(p) for p in paths if not p.is_file()]:
-        raise CompareError(f"no such metrics file: {', '.join(missing)}; run `python 10_evaluate.py` first")
+        raise cli.UsageError(f"no such metrics file: {', '.join(missing)}; run `python 10_evaluate.py` first")
     if not paths:
-        raise CompareError("no metrics.json found: pass outputs/<run>/10_evaluation/*/metrics.json")
+        raise cli.UsageError("no metrics.json found: pass outputs/<run>/10_evaluation/*/metrics.json")
     unique = {}
     for path in paths:  # one entry per file, however it was named
         unique.setdefault(path.resolve(), path)
@@ -173,9 +169,9 @@ def load_policy(path: Path, seed: int, n_resamples: int) -> dict:
     try:
         metrics = runs.read_json(path)
     except (ValueError, FileNotFoundError) as error:
-        raise CompareError(f"{error}; rerun `python 10_evaluate.py` for this policy") from None
+        raise cli.UsageError(f"{error}; rerun `python 10_evaluate.py` for this policy") from None
     if missing := [key for key in (*cmp.RATES, "reward_mean", "n_examples") if key not in metrics]:
-        raise CompareError(f"{path}: no {', '.join(missing)}: not a metrics.json of 10_evaluate.py")
+        raise cli.UsageError(f"{path}: no {', '.join(missing)}: not a metrics.json of 10_evaluate.py")
     name = str(metrics.get("policy_name") or path.parent.name)
     method, name_seed = cmp.parse_policy_name(name)
     evaluation = read_optional(path.parent / "manifest.json", "manifest") or {}
@@ -238,18 +234,14 @@ def paired_rows(policies, baseline, seed, n_resamples) -> list[dict]:
 
 # --- main ---
 
-def main(args, extra_tokens=()) -> int:
-    try:
-        return compare(args, config_lib.from_args(args, extra_tokens))
-    except (CompareError, config_lib.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def main(args, extra_tokens=()) -> dict:
+    return compare(args, config_lib.from_args(args, extra_tokens))
 
 
-def compare(args, cfg) -> int:
+def compare(args, cfg) -> dict:
     seed = cfg["training"]["seed"]  # --seed lands here
     if args.bootstrap < 1:
-        raise CompareError(f"--bootstrap must be at least 1, got {args.bootstrap}")
+        raise cli.UsageError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     paths = expand_inputs(args.metrics)
     order = {m: i for i, m in enumerate(cmp.METHODS)}
     policies = sorted((load_policy(path, seed, args.bootstrap) for path in paths),
@@ -261,7 +253,7 @@ def compare(args, cfg) -> int:
             f"{p['row']['run']}/{p['row']['policy']}"
     roots = {path.resolve().parents[2] if run_of(path) else None for path in paths}
     common = roots.pop() if len(roots) == 1 else None
-    folder = (Path(args.output_dir) if args.output_dir else common / MODULE if common
+    folder = (Path(cfg["paths"]["output_dir"]) if cfg["paths"]["output_dir"] else common / MODULE if common
               else runs.module_dir(args.run_id, MODULE, None, cfg["paths"]["output_root"]))
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -290,9 +282,8 @@ def compare(args, cfg) -> int:
 
     print("\n".join(f"- {line}" for line in notes))
     print(f"compared {len(summary)} policies; wrote {folder}")
-    return 0
+    return manifest.metrics
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

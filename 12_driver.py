@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from utils import config as config_lib
-from utils import driver, runs
+from utils import cli, driver, runs
 
 REPO_ROOT = Path(__file__).resolve().parent
 TAIL_LINES = 25  # log lines shown when a stage fails
@@ -143,20 +143,16 @@ def resolve(args, extra) -> tuple[driver.Options, dict]:
 
 
 # --- main ---
-def main(args, extra) -> int:
-    try:
-        opts, cfg = resolve(args, extra)
-        stages = driver.plan(opts)
-        forced = driver.select_forced(stages, args.force)
-    except (driver.PlanError, config_lib.ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(args, extra=()) -> dict:
+    """Runs (or with --dry_run prints) the plan; returns the run's record (run_manifest.json)."""
+    opts, cfg = resolve(args, extra)
+    stages = driver.plan(opts)
+    forced = driver.select_forced(stages, args.force)
     missing = [s.script for s in stages if not (REPO_ROOT / s.script).is_file()]
+    if missing and not args.dry_run:
+        raise cli.UsageError(f"missing scripts: {', '.join(dict.fromkeys(missing))}")
     if missing:
-        print(f"{'warning' if args.dry_run else 'error'}: missing scripts: {', '.join(dict.fromkeys(missing))}",
-              file=sys.stderr)
-        if not args.dry_run:
-            return 2
+        print(f"warning: missing scripts: {', '.join(dict.fromkeys(missing))}", file=sys.stderr)
     run_dir = Path(opts.output_root) / opts.run_id
     manifest_path, logs = run_dir / "run_manifest.json", run_dir / "logs"
     state = read_manifest(manifest_path) or {}
@@ -176,7 +172,7 @@ def main(args, extra) -> int:
                 run, why = True, f"if its inputs change when {', '.join(upstream)} reruns"
             will_run |= {stage.name} if run else set()
             print(f"[{i:2d}/{n}] {stage.name}: {'run' if run else 'skip'} ({why})\n        {stage.command}")
-        return 0
+        return state
 
     logs.mkdir(parents=True, exist_ok=True)
     started, t0 = runs.timestamp(), time.monotonic()
@@ -223,7 +219,7 @@ def main(args, extra) -> int:
             state["stages"][stage.name]["status"] = "interrupted"
             save("interrupted")
             print(f"\ninterrupted in {stage.name}; rerun the same command to resume", file=sys.stderr)
-            return 130
+            raise
         seconds = time.monotonic() - t_stage
         manifest = read_manifest(stage.manifest)
         if code != 0 or not manifest or manifest.get("status") != "complete":
@@ -232,9 +228,9 @@ def main(args, extra) -> int:
             state["stages"][stage.name].update(status="failed", exit_code=code, duration_s=round(seconds, 1))
             save("failed")
             print(f"\nFAILED: stage {stage.name} ({stage.script}) {problem} after {clock(seconds)}.\n"
-                  f"log: {log}\nlast lines:\n{tail(log)}\n"
-                  f"Fix the cause and rerun the same command: completed stages are skipped.", file=sys.stderr)
-            return 1
+                  f"log: {log}\nlast lines:\n{tail(log)}", flush=True)
+            raise cli.JobFailed(f"stage {stage.name} {problem}; log: {log}. Fix the cause and rerun the same "
+                                f"command: completed stages are skipped")
         record = driver.stage_record(stage, manifest, seconds, hashes.sha_of, driver.stat_fingerprint, str(log),
                                      cpu_s=cpu_seconds() - cpu_start)
         state["stages"][stage.name] = records[stage.name] = record
@@ -245,9 +241,8 @@ def main(args, extra) -> int:
     save("complete")
     print(f"\nrun {opts.run_id} complete in {clock(time.monotonic() - t0)}: {len(invocation['ran'])} stages ran, "
           f"{len(invocation['skipped'])} skipped.\n  {run_dir / 'README.md'}\n  {run_dir / '11_comparison' / 'report.md'}")
-    return 0
+    return state
 
 
 if __name__ == "__main__":
-    args, extra = parse_args()
-    sys.exit(main(args, extra))
+    cli.run(main, parse_args)

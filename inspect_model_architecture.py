@@ -17,7 +17,6 @@ import collections
 import datetime
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +25,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from utils import cli
 from utils import config as config_lib
-from utils.modeling import ModelLoadError, load_model_config, resolve_model_path
+from utils.modeling import load_model_config, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / config_lib.DEFAULT_MODEL_CONFIG
@@ -40,14 +40,20 @@ ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "qwen2": "qwen2"}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()  # one of them is required: checked below, after typos
     which.add_argument("--model", help="hub id, local folder, or model config name/path")
     which.add_argument("--all", action="store_true",
                        help="inspect every configs/models/*.yaml whose model is available locally")
     parser.add_argument("--no_config", action="store_true", help="print only, write no YAML")
     parser.add_argument("--output", help="where the YAML goes "
                         "(default: configs/models/config_<name>.yaml)")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise cli.UsageError(f"unknown flag {extra[0]}: this script takes --model, --all, --no_config and --output "
+                             f"(see --help)")
+    if not (args.model or args.all):
+        raise cli.UsageError("pass --model ID_OR_PATH (a hub id, folder or config name) or --all")
+    return args, extra
 
 
 # --- inspection ---
@@ -174,8 +180,8 @@ def write_config(cfg: dict, path: Path, model_ref: str):
         config_lib.load(tmp)
     except config_lib.ConfigError as error:
         tmp.unlink()
-        raise SystemExit(f"the config for {model_ref} does not pass utils.config.load, so it was "
-                         f"not written: {error}")
+        raise cli.JobFailed(f"the config for {model_ref} does not pass utils.config.load, so it was "
+                            f"not written: {error}") from None
     os.replace(tmp, path)
 
 
@@ -192,7 +198,9 @@ def available_locally(config_path: Path) -> bool:
 
 # --- main ---
 
-def main(args):
+def main(args, extra_tokens=()) -> dict:
+    """Returns the inspected facts (of the last model with --all)."""
+    facts = {}
     if args.all:
         for path in sorted((ROOT / "configs" / "models").glob("*.yaml")):
             if path.name.startswith("config_"):
@@ -202,13 +210,14 @@ def main(args):
                 print(f"skip {path.name}: model not available locally "
                       f"(bash download.sh --model {hub_id})\n")
                 continue
-            print(report(path.name, inspect(path)) + "\n")
-        return
+            facts = inspect(path)
+            print(report(path.name, facts) + "\n")
+        return facts
 
     facts = inspect(args.model)
     print(report(args.model, facts))
     if args.no_config:
-        return
+        return facts
     model_ref = args.model
     if config_lib.MODELS_DIR.joinpath(f"{model_ref}.yaml").is_file() or model_ref.endswith((".yaml", ".yml")):
         model_ref = resolve_model_path(model_ref)  # a config: describe the model it points to
@@ -216,10 +225,8 @@ def main(args):
         ROOT / "configs" / "models" / f"config_{config_name(model_ref)}.yaml")
     write_config(build_config(model_ref, facts), output, model_ref)
     print(f"wrote {output} (check: python -c \"from utils import config; config.load('{output}')\")")
+    return facts
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ModelLoadError as error:
-        sys.exit(f"inspect_model_architecture.py: {error}")
+    cli.run(main, parse_args)

@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def candidates(tmp_path_factory, data_dir):
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
     tmp = tmp_path_factory.mktemp("candidates")
     model = build_tiny_model(tmp / "tiny")
     out = tmp / "out"

@@ -268,7 +268,7 @@ def test_real_evaluation_outputs(tmp_path):
 ])
 def test_errors(args, message, tmp_path):
     done = run(*args, "--output_dir", tmp_path / "out")
-    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_error_bars_never_negative_when_mean_equals_a_degenerate_ci(tmp_path):

@@ -350,3 +350,45 @@ def test_own_chat_template_renders_prompt_as_prefix(model_file):
     full = template.render(messages=prompt + answer, add_generation_prompt=False, eos_token="<|endoftext|>")
     assert head == "System: Answer in JSON.<|endoftext|>User: 2 + 3?<|endoftext|>Assistant:"
     assert full.startswith(head) and full.endswith('"answer": "5"}<|endoftext|>')
+
+
+# --- plain algorithm flags (the seed's "Override Algorithm Params": --clip_range 0.3 --kl_coef 0.1) ---
+@pytest.mark.parametrize("algo, flags, key, value", [
+    ("ppo", ["--clip_range", "0.3"], "clip_range", 0.3),                  # = --algorithm.clip_range
+    ("ppo", ["--kl_coef=0.1"], "kl_coef", 0.1),                           # the = form too
+    ("dpo", ["--beta", "0.05"], "beta", 0.05),
+    ("rloo", ["--num_generations", "8"], "num_generations", 8),           # RLOO's k
+    ("grpo", ["--algorithm.beta", "0.2"], "beta", 0.2),                   # the dotted form still works
+    ("grpo", ["--beta", "0.3", "--algorithm.beta", "0.4"], "beta", 0.4),  # the later one wins
+])
+def test_plain_algorithm_flags(algo, flags, key, value):
+    args, extra = make_parser(algo).parse_known_args(flags)
+    assert config.from_args(args, extra)["algorithm"][key] == value
+
+
+def test_plain_flag_two_sections_share_names_both_dotted_forms():
+    args, extra = make_parser("grpo").parse_known_args(["--temperature", "0.7"])
+    with pytest.raises(ConfigError, match="--algorithm.temperature or --generation.temperature"):
+        config.from_args(args, extra)
+
+
+def test_plain_flag_of_another_method_is_unknown():
+    args, extra = make_parser("dpo").parse_known_args(["--clip_range", "0.3"])   # a PPO key
+    with pytest.raises(ConfigError, match="unknown flag --clip_range"):
+        config.from_args(args, extra)
+
+
+def test_quick_test_settings_yield_to_shortcuts_and_flags():
+    quick = {"training.max_steps": 2, "validation.num_samples": 4, "training.learning_rate": 1e-3}
+    args, extra = make_parser("grpo").parse_known_args(["--max_steps", "6", "--validation.num_samples", "3"])
+    args.quick_test = True
+    cfg = config.from_args(args, extra, quick)
+    assert (cfg["training"]["max_steps"], cfg["validation"]["num_samples"]) == (6, 3)   # explicit flags win
+    assert cfg["training"]["learning_rate"] == 1e-3                                      # the rest applies
+    args.quick_test = False
+    assert config.from_args(args, extra, quick)["training"]["learning_rate"] != 1e-3     # only with --quick_test
+
+
+def test_help_lists_the_plain_algorithm_flags():
+    text = make_parser("ppo").format_help()
+    assert "--clip_range" in text and "--kl_coef" in text and "(= --algorithm.KEY)" in text

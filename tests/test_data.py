@@ -102,7 +102,7 @@ def test_full_context_drops_text_before_table(example):
 @needs_sample
 def test_full_context_with_a_real_chat_tokenizer(example, tmp_path_factory):
     from transformers import AutoTokenizer
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     question = example["qa"]["question"]

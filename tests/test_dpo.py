@@ -46,7 +46,7 @@ def inputs(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
 
     tmp = tmp_path_factory.mktemp("dpo")
     base = build_tiny_model(tmp / "tiny")
@@ -94,28 +94,17 @@ def test_checkpoints(trained):
         for file in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "tokenizer_config.json"):
             assert (folder / file).is_file(), f"{name}/{file}"
     assert (trained / "trainer" / "checkpoint-2" / "trainer_state.json").is_file()   # resumable
-    # the adapter names the merged SFT model as its base, so it loads on its own
+    # the trained SFT adapter names the base model, so it loads like the SFT checkpoint; TRL's frozen
+    # "ref" copy (the reference, tests/test_reference.py) is not saved with it
     base = json.loads((trained / "ckpt_dpo" / "final" / "adapter_config.json").read_text())
-    assert Path(base["base_model_name_or_path"]).resolve() == (trained / "reference_model").resolve()
+    assert Path(base["base_model_name_or_path"]).resolve() == (trained.parent / "tiny").resolve()
+    assert not (trained / "ckpt_dpo" / "final" / "ref").exists() and not (trained / "reference_model").exists()
     assert load_model(str(trained / "ckpt_dpo" / "final"), dtype="float32") is not None
-
-
-def test_reference_is_the_merged_sft_policy(trained, inputs):
-    import torch
-
-    from utils.modeling import load_model
-
-    merged = load_model(str(inputs / "03_sft" / "ckpt_sft" / "best"), dtype="float32")
-    saved = load_model(str(trained / "reference_model"), dtype="float32")
-    base = load_model(str(inputs / "tiny"), dtype="float32")
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, saved(ids).logits)
-        assert not torch.allclose(base(ids).logits, saved(ids).logits)   # the SFT adapter is in it
 
 
 def test_training_log(trained):
     log = json.loads((trained / "logs" / "training_log.json").read_text())["log_history"]
+    assert list((trained / "logs").glob("events.out.tfevents.*"))  # TensorBoard beside it (report_to default)
     train = [entry for entry in log if "loss" in entry]
     assert [entry["step"] for entry in train] == [1, 2]
     for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -132,9 +121,9 @@ def test_training_log(trained):
 def test_metrics_and_manifest(trained):
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert set(manifest["inputs"]) >= {"pairs", "val", "base_or_sft_ckpt"}
+    assert set(manifest["inputs"]) >= {"pairs", "val", "policy_ckpt"}
     assert all(len(entry["sha256"]) == 64 for entry in manifest["inputs"].values())
-    assert set(manifest["outputs"]) >= {"ckpt_final", "ckpt_best", "reference_model", "training_log", "metrics"}
+    assert set(manifest["outputs"]) >= {"ckpt_final", "ckpt_best", "training_log", "metrics"}
     assert manifest["config"]["algorithm"]["name"] == "dpo" and manifest["config"]["training"]["max_steps"] == 2
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics == {k: v for k, v in manifest["metrics"].items() if k in metrics}
@@ -159,7 +148,7 @@ def test_resume(trained, inputs, tmp_path):
 
 def test_resume_without_checkpoint(inputs, tmp_path):
     done = run09(inputs, tmp_path / "out", "--resume")
-    assert done.returncode == 2 and "--resume: no trainer checkpoint" in done.stderr
+    assert done.returncode == 2 and "--resume: no resumable checkpoint" in done.stderr
 
 
 def test_no_pairs(inputs, tmp_path):

@@ -294,7 +294,7 @@ def test_readme_text():
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Raw FinQA-format files (synthetic), a tiny model, and the driver's command with the smallest budgets."""
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
     from utils.runs import atomic_write_json
     from utils.synthetic import generate
 

@@ -106,7 +106,7 @@ def test_bad_predictions_file(tmp_path, content, message):
     bad = tmp_path / "bad_predictions.jsonl"
     bad.write_text(content)
     done = evaluate("--test_jsonl", DATA, "--predictions", bad, "--output_dir", tmp_path / "eval", tmp_path=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert str(bad) in done.stderr
     assert re.search(message, done.stderr), done.stderr
 
@@ -122,14 +122,14 @@ def test_missing_data_file(tmp_path):
 def test_missing_checkpoint(tmp_path):
     (tmp_path / "03_sft").mkdir()
     done = evaluate("--test_jsonl", DATA, "--policy_ckpt", tmp_path / "03_sft" / "ckpt_sft", tmp_path=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert f"--policy_ckpt {tmp_path / '03_sft' / 'ckpt_sft'}: no such folder" in done.stderr
     assert "holds: nothing" in done.stderr
 
 
 @pytest.mark.slow
 def test_tiny_model_is_reproducible(tmp_path):
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
 
     build_tiny_model(tmp_path / "run" / "03_sft" / "ckpt_sft" / "best")
     outputs = []

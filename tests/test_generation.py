@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from tests.fixtures.tiny_model import build_tiny_model
 from utils.generation import NonFiniteLogitsError, count_tokens, generate
-from utils.modeling import build_tiny_model, load_model, load_tokenizer
+from utils.modeling import load_model, load_tokenizer
 
 # Different lengths, so batches need left padding; the longest is not first, so sorting matters.
 QUESTIONS = ["what is 5,829 - 5,735 ?",

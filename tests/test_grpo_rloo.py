@@ -6,7 +6,6 @@ import math
 import shutil
 import subprocess
 import sys
-from collections import defaultdict, deque
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,10 @@ import torch
 
 # the tiny random llama, a non-zero "SFT" LoRA adapter on it, synthetic train/val data
 from tests.test_ppo import ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
-from utils.rl import LeaveOneOutSampleLog, leave_one_out_baselines, load_policy, resolve_policy_ckpt
+from utils.rewards import RewardSpec
+from utils.rl import SampleLog, leave_one_out_baselines, reward_functions
+
+TABLE = [["", "2018", "2017"], ["revenue", "$ 5,829", "$ 5,735"]]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,84 +72,35 @@ def test_loo_baseline_adds_variance_when_almost_every_reward_is_zero():
     assert loo > 1.05 * reinforce
 
 
-class FakeRLOOTrainer:
-    """What LeaveOneOutSampleLog reads from TRL's RLOOTrainer after it scores a batch: the
-    per-function rewards and advantages of the gathered batch at the end of deques (older
-    batches before them), the reward names, weights and group size."""
-    reward_func_names = ["exact", "format"]
-    reward_weights = torch.tensor([1.0, -0.2])
-    num_generations = 2
-
-    def __init__(self, step):
-        self.model = SimpleNamespace(training=True)
-        self.accelerator = SimpleNamespace(is_main_process=True)
-        self.state = SimpleNamespace(global_step=step)
-        self._logs = {"rewards": defaultdict(deque), "advantages": deque()}
-        self._logs["rewards"]["exact"].extend([9.0, 9.0])    # an older batch: must be ignored
-        self._logs["rewards"]["format"].extend([9.0, 9.0])
-
-    def _generate_and_score_completions(self, inputs):
-        self._logs["rewards"]["exact"].extend([1.0, 0.0, 0.0, 0.0])
-        self._logs["rewards"]["format"].extend([0.0, 1.0, 0.0, 1.0])
-        self._logs["advantages"].extend([1.2, -1.2, 0.2, -0.2])
-        return "trl output"
-
-
 def test_sample_log_writes_totals_loo_baselines_and_drops_steps_redone_after_resume(tmp_path):
+    """RLOO's per-sample log, fed through TRL's reward-function hook (trainer_state), as RLOOTrainer
+    calls the reward functions: one after the other on the same generation batch."""
     path = tmp_path / "rloo_samples.jsonl"
     # an interrupted run logged steps 4 and 5; the resumed trainer (global_step 4) redoes step 5
     path.write_text("".join(json.dumps({"step": s, "reward": 0.0}) + "\n" for s in (4, 5)))
-
-    class Trainer(LeaveOneOutSampleLog, FakeRLOOTrainer):
-        samples_path = path
-
-    trainer = Trainer(step=4)
-    inputs = [{"id": "a"}, {"id": "a"}, {"id": "b"}, {"id": "b"}]
-    assert trainer._generate_and_score_completions(inputs) == "trl output"
+    log = SampleLog(path, group_size=2)
+    functions, weights = reward_functions(RewardSpec(), log)
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)
+    completions = [[{"role": "assistant", "content": text}] for text in (
+        '{"program": "subtract(5829, 5735)", "answer": "94"}',    # exact: total 1 + 0.3 (numeric counts only without exact)
+        "not json",                                              # format_error: total -0.2
+        '{"program": "add(5829, 5735)", "answer": "11564"}',     # valid but wrong: total 0.0
+        "still not json")]                                       # -0.2
+    columns = {"id": ["a", "a", "b", "b"], "table": [TABLE] * 4, "exe_ans": [94.0, 94.0, 0.5, 0.5],
+               "target_program": ["subtract(5829, 5735)"] * 2 + ["divide(1, 2)"] * 2,
+               "target_answer": ["94", "94", "0.5", "0.5"]}
+    for function in functions:
+        function(completions, trainer_state=state, **columns)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 5, 5, 5, 5]   # the old step 5 replaced by the new batch
     new = rows[1:]
-    # totals = exact - 0.2 x format: [1.0, -0.2, 0.0, -0.2]
-    # baselines, groups (a, a), (b, b): [-0.2, 1.0, -0.2, 0.0]
-    assert [r["reward"] for r in new] == pytest.approx([1.0, -0.2, 0.0, -0.2])
-    assert [r["baseline"] for r in new] == pytest.approx([-0.2, 1.0, -0.2, 0.0])
-    assert [r["advantage"] for r in new] == pytest.approx([1.2, -1.2, 0.2, -0.2])   # TRL's, as given
+    assert [r["reward"] for r in new] == pytest.approx([1.3, -0.2, 0.0, -0.2])
+    # baselines, groups (a, a), (b, b): each the other's reward
+    assert [r["baseline"] for r in new] == pytest.approx([-0.2, 1.3, -0.2, 0.0])
+    assert [r["loo_advantage"] for r in new] == pytest.approx([1.5, -1.5, 0.2, -0.2])
     assert [(r["id"], r["group"]) for r in new] == [("a", 0), ("a", 0), ("b", 1), ("b", 1)]
-    assert new[1]["rewards"] == {"exact": 0.0, "format": 1.0}
-
-
-def test_resolve_policy_ckpt_finds_sft_best(tmp_path):
-    best = tmp_path / "run_001" / "03_sft" / "ckpt_sft" / "best"
-    best.mkdir(parents=True)
-    (best / "adapter_config.json").write_text("{}")
-    for given in (best, best.parent, best.parent.parent, tmp_path / "run_001"):  # checkpoint, ckpt_sft, module, run
-        assert resolve_policy_ckpt(given) == best
-    with pytest.raises(FileNotFoundError, match="03_sft_train.py"):
-        resolve_policy_ckpt(tmp_path / "nothing")
-
-
-def test_policy_on_a_merged_reference_trains_in_float32(ppo_inputs, tmp_path):
-    """GRPO/RLOO from a PPO or DPO checkpoint: its adapter sits on reference_model/, the SFT update
-    merged in; a bf16 base (and bf16 autocast) would round that update away."""
-    from peft import LoraConfig, get_peft_model
-
-    from utils.modeling import load_model, load_tokenizer
-
-    merged = load_model(str(ppo_inputs / "sft"), dtype="float32")
-    merged.save_pretrained(tmp_path / "reference_model")
-    load_tokenizer(str(ppo_inputs / "sft")).save_pretrained(tmp_path / "reference_model")
-    on_merged = get_peft_model(load_model(str(tmp_path / "reference_model")),
-                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    on_merged.save_pretrained(tmp_path / "ckpt_ppo")
-
-    cfg = {"model": {"dtype": "bfloat16"}}
-    model, _, info = load_policy(tmp_path / "ckpt_ppo", cfg)
-    assert info["dtype"] == "float32" and cfg["model"]["dtype"] == "float32"  # autocast follows cfg
-    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.float32
-    cfg = {"model": {"dtype": "bfloat16"}}  # from the SFT adapter itself: the base as configured
-    model, _, info = load_policy(ppo_inputs / "sft", cfg)
-    assert info["dtype"] == "bfloat16" and cfg["model"]["dtype"] == "bfloat16"
-    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    assert new[1]["rewards"] == {"exact": 0.0, "numeric": 0.0, "program": 0.0, "format_error": 1.0}
+    assert weights == [1.0, 0.8, 0.3, -0.2]
 
 
 def test_rloo_baseline_other_than_loo_is_a_config_error():
@@ -174,14 +127,13 @@ def grpo_run(ppo_inputs):  # noqa: F811
 @pytest.fixture(scope="module")
 def rloo_run(ppo_inputs):  # noqa: F811
     out = ppo_inputs / "rloo"
-    # beta 0: TRL's advantage is then exactly reward - baseline, which checks the logged baseline
-    # against the one RLOOTrainer used
+    # beta 0: the logged loo_advantage is then exactly RLOOTrainer's advantage
     run_script(rl_command("07_train_rloo.py", ppo_inputs, out, "--algorithm.beta", "0.0"))
     return out
 
 
 STEP_KEYS = ("reward", "reward_std", "rewards/exact/mean", "rewards/numeric/mean", "rewards/program/mean",
-             "rewards/format/mean", "entropy", "completions/mean_length", "clip_ratio/region_mean", "loss",
+             "rewards/format_error/mean", "entropy", "completions/mean_length", "clip_ratio/region_mean", "loss",
              "grad_norm", "learning_rate", "step_time", "train/tokens_per_s")
 
 
@@ -198,6 +150,7 @@ def check_outputs(out: Path, module: str, steps=(1, 2)) -> list[dict]:
     assert load_model(str(out / f"ckpt_{method}" / "final"), dtype="float32", device="cpu") is not None
 
     log = json.loads((out / "logs" / "training_log.json").read_text())["log_history"]
+    assert list((out / "logs").glob("events.out.tfevents.*"))  # TensorBoard beside it (report_to default)
     updates = [entry for entry in log if "reward" in entry]
     assert [entry["step"] for entry in updates] == list(steps)
     for entry in updates:
@@ -249,9 +202,8 @@ def test_rloo_quick_test_logs_rewards_and_loo_baselines(rloo_run):
             assert row["baseline"] == pytest.approx(other["reward"])   # k = 2: the other sample's reward
             # the total is the weighted sum of the components (the default spec's weights)
             weighted = sum(w * row["rewards"][name] for name, w in
-                           (("exact", 1.0), ("numeric", 0.8), ("program", 0.3), ("format", -0.2)))
+                           (("exact", 1.0), ("numeric", 0.8), ("program", 0.3), ("format_error", -0.2)))
             assert row["reward"] == pytest.approx(weighted, abs=1e-6)
-            assert row["advantage"] == pytest.approx(row["reward"] - row["baseline"], abs=1e-6)  # beta 0
 
 
 @pytest.mark.slow

@@ -120,38 +120,6 @@ def test_logprobs_and_entropy_from_logits():
     assert entropy_from_logits(logits).item() == pytest.approx(1.5 * math.log(2))
 
 
-# --- policy, value head and reference on a tiny model ---
-def test_reference_is_the_merged_sft_model_and_dropout_is_off(tmp_path):
-    from utils.config import load
-    from utils.modeling import build_tiny_model, load_model
-    from utils.ppo import build_policy
-
-    tiny = build_tiny_model(tmp_path / "tiny", "llama", seed=0)
-    base = load_model(str(tiny), dtype="float32", device="cpu")
-    ids = torch.randint(0, 400, (2, 12))
-    attention = torch.ones_like(ids)
-    attention[0, :3] = 0                                  # a left-padded row
-    with torch.no_grad():
-        expected = base(input_ids=ids, attention_mask=attention,
-                        position_ids=(attention.cumsum(-1) - 1).clamp(min=0)).logits[:, -5:-1]
-    cfg = load("smollm2-135m", "ppo")                     # lora.dropout 0.05: must be switched off
-    model = build_policy(base, cfg)
-    logits, values = model(ids, attention, 4)
-    again, _ = model(ids, attention, 4)
-    assert torch.equal(logits, again)                     # deterministic: no dropout in train mode
-    assert torch.allclose(logits, expected, atol=1e-5)    # the fresh adapter starts at zero
-    assert values.shape == (2, 4) and torch.all(values == 0)  # zero-initialised value head
-    with torch.no_grad():                                 # train the adapter a little (B != 0)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    assert not torch.allclose(model(ids, attention, 4)[0], expected, atol=1e-3)
-    assert torch.allclose(model.reference_logits(ids, attention, 4), expected, atol=1e-5)
-    trainable = {name.split(".")[-3] if "lora" in name else name  # ...q_proj.lora_A.default.weight
-                 for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "value_head.weight", "value_head.bias"}
-
-
 # --- 05_train_ppo.py on a tiny random model ---
 @pytest.fixture(scope="module")
 def ppo_inputs(tmp_path_factory):
@@ -159,7 +127,8 @@ def ppo_inputs(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     from utils.data import to_processed
-    from utils.modeling import build_tiny_model, load_model
+    from tests.fixtures.tiny_model import build_tiny_model
+    from utils.modeling import load_model
     from utils.runs import atomic_write_jsonl
     from utils.synthetic import generate
 
@@ -203,9 +172,9 @@ def quick_run(ppo_inputs):
     return out
 
 
-UPDATE_KEYS = ("reward", "reward_std", "rewards/exact/mean", "rewards/format/mean", "kl", "entropy",
+UPDATE_KEYS = ("reward", "reward_std", "rewards/exact/mean", "rewards/format_error/mean", "kl", "entropy",
                "completions/mean_length", "loss", "grad_norm", "learning_rate", "train/tokens_per_s",
-               "ppo/value_loss", "ppo/policy_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance",
+               "ppo/value_loss", "ppo/policy_loss", "ppo/clipfrac", "ppo/approx_kl",
                "ppo/kl_coef", "ppo/returns_mean", "ppo/advantages_mean")
 
 
@@ -220,20 +189,24 @@ def test_quick_test_writes_checkpoints_logs_and_validation(quick_run):
     assert (quick_run / "ckpt_ppo" / "step_2" / "trainer_state.pt").is_file()
     best = json.loads((quick_run / "ckpt_ppo" / "best" / "validation.json").read_text())
     assert best["step"] == 2 and {"exec_acc", "reward_mean", "format_rate"} <= set(best["metrics"])
-    # the adapter names the merged SFT model as its base, so it loads like any checkpoint
+    # the trained SFT adapter names the base model, so it loads like the SFT checkpoint
     config = json.loads((quick_run / "ckpt_ppo" / "final" / "adapter_config.json").read_text())
-    assert Path(config["base_model_name_or_path"]).resolve() == (quick_run / "reference_model").resolve()
+    assert Path(config["base_model_name_or_path"]).resolve() == (quick_run.parent / "tiny").resolve()
+    assert not (quick_run / "reference_model").exists() and not (quick_run / "ckpt_ppo" / "final" / "ref").exists()
     assert load_model(str(quick_run / "ckpt_ppo" / "final"), dtype="float32", device="cpu") is not None
     head = torch.load(quick_run / "ckpt_ppo" / "final" / "value_head.pt", weights_only=True)
     assert head["weight"].shape == (1, 64)
 
     log = json.loads((quick_run / "logs" / "training_log.json").read_text())["log_history"]
+    assert list((quick_run / "logs").glob("events.out.tfevents.*"))  # TensorBoard beside it (report_to default)
     updates = [entry for entry in log if "ppo/value_loss" in entry]
     assert [entry["step"] for entry in updates] == [1, 2]
     for entry in updates:
         missing = [key for key in UPDATE_KEYS if key not in entry]
         assert not missing, f"step {entry['step']} lacks {missing}"
         assert all(math.isfinite(entry[key]) for key in UPDATE_KEYS)
+        # undefined (all returns equal) is null, never a made-up 0.0
+        assert entry["ppo/explained_variance"] is None or math.isfinite(entry["ppo/explained_variance"])
     assert updates[0]["ppo/value_loss"] > 0      # the value head fits the -0.2 rewards
     assert updates[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 1 samples from the SFT policy itself
     validation = [entry for entry in log if "val/exec_acc" in entry]
@@ -263,7 +236,7 @@ def test_resume_continues_from_step_2(quick_run, tmp_path):
     # the KL controller was restored: step 3 uses step 2's coefficient after its update
     # kl_coef *= 1 + clip(kl / 6 - 1, -0.2, 0.2) * 4 / 10000 (4 samples per step, horizon 10000)
     step2 = updates[2]
-    error = min(max(step2["kl"] / 6.0 - 1.0, -0.2), 0.2)
+    error = min(max(step2["ppo/kl_per_completion"] / 6.0 - 1.0, -0.2), 0.2)
     assert updates[3]["ppo/kl_coef"] == pytest.approx(step2["ppo/kl_coef"] * (1 + error * 4 / 10000), rel=1e-9)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["resumed_from_step"] == 2

@@ -243,7 +243,7 @@ def test_script_no_pairs(tmp_path, candidates_dir):
 
 def test_script_missing_inputs(tmp_path):
     done = run08(tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "04_candidates/candidates.jsonl not found" in done.stderr
     assert "python 04_generate_candidates.py" in done.stderr
 
@@ -252,5 +252,5 @@ def test_script_mismatched_files(tmp_path, candidates_dir):
     scores = candidates_dir / "scores.jsonl"
     scores.write_text(scores.read_text().replace('"completion": "B"', '"completion": "Z"'))
     done = run08(tmp_path, "--candidates_dir", candidates_dir)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "different runs" in done.stderr and "line 2" in done.stderr

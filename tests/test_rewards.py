@@ -1,6 +1,6 @@
 """Reward functions: one unit test per function, a fuzz test, the TRL wrappers and script 02."""
-import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from utils.rewards import (RewardSpec, answer_matches, extract_numbers, extract_response, load_spec, step_overlap,
-                           numeric_close, program_match, score, spec_to_yaml, trl_reward_functions)
+                           numeric_close, reward_log, score, spec_to_yaml, trl_reward_functions)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLD = {"id": "x-1", "table": [["", "2019"], ["revenue", "$ 1,000"]], "exe_ans": 0.34719,
@@ -58,6 +58,10 @@ def test_numeric_close():
 
 
 def test_program_match():
+    def program_match(program, gold_program):  # score()'s partial credit of the program component
+        completion = "no json" if program is None else json.dumps({"program": program, "answer": ""})
+        return score(completion, {**GOLD, "target_program": gold_program}).program_match
+
     assert program_match("divide(114400, 329500)", "divide(114400, 329500)") == 1.0
     assert program_match("add(2, 3)", "add(3, 2)") == 1.0                            # equivalent
     assert program_match("subtract(5, 3), divide(#0, 2)", "subtract(5, 3), divide(#0, 3)") == 0.5
@@ -65,6 +69,7 @@ def test_program_match():
     assert program_match("subtract(5, 3)", "subtract(5, 3), divide(#0, 3)") == 0.5  # over the longer
     assert program_match("garbage", "add(2, 3)") == 0.0
     assert program_match(None, "add(2, 3)") == 0.0
+    assert program_match("add(2, 3)", None) == 0.0                                   # no gold program
 
 
 def test_score_hand_computed():
@@ -94,7 +99,7 @@ def test_spec_round_trip(tmp_path):
 
 def test_trl_wrappers_sum_to_total_and_keep_names():
     functions, weights = trl_reward_functions()
-    assert [f.__name__ for f in functions] == ["exact", "numeric", "program", "format"]
+    assert [f.__name__ for f in functions] == ["exact", "numeric", "program", "format_error"]
     completions = [[{"role": "assistant", "content": RIGHT}], [{"role": "assistant", "content": "junk"}]]
     columns = {k: [v, v] for k, v in GOLD.items()}
     columns["id"] = ["a", "b"]
@@ -102,6 +107,16 @@ def test_trl_wrappers_sum_to_total_and_keep_names():
     totals = [sum(w * values[i] for w, values in zip(weights, per_function)) for i in range(2)]
     assert totals == pytest.approx([1.3, -0.2])
     assert per_function[3] == [0.0, 1.0]                                           # format: 1 = invalid
+
+
+def test_reward_log_is_trl_s_record_of_a_batch():
+    record = reward_log([score(RIGHT, GOLD, RewardSpec()), score("junk", GOLD, RewardSpec())])
+    assert record["reward"] == pytest.approx((1.3 - 0.2) / 2)                       # weighted totals
+    assert record["reward_std"] == pytest.approx(1.5 / math.sqrt(2))              # n - 1: |1.3 + 0.2| / sqrt 2
+    assert record["rewards/format_error/mean"] == 0.5                             # unweighted: 1 of 2 invalid
+    assert record["rewards/exact/mean"] == 0.5 and record["rewards/program/mean"] == 0.5
+    assert record["rewards/exact/std"] == pytest.approx(math.sqrt(0.5))
+    assert reward_log([])["reward"] == 0.0 and reward_log([])["reward_std"] == 0.0  # an empty batch: no error
 
 
 @settings(max_examples=300, deadline=None)

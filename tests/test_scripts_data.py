@@ -26,7 +26,7 @@ def run(script, *args, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from utils.modeling import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
@@ -154,7 +154,7 @@ def test_prepare_full_context_without_tokenizer_fails_clearly(tmp_path):
     done = run("01_prepare_dataset.py", "--data_root", SAMPLE_ARG, "--output_dir", tmp_path / "p",
                "--context_mode", "full", "--model.name_or_path", tmp_path / "no_model",
                "--model.gguf_package", "no_such_package", tmp_path=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--max_prompt_tokens 0" in done.stderr
 
 
@@ -174,5 +174,5 @@ def test_prepare_synthetic_is_deterministic(tmp_path):
 def test_prepare_missing_finqa_says_how_to_get_it(tmp_path):
     done = run("01_prepare_dataset.py", "--data_root", tmp_path / "nowhere", "--output_dir",
                tmp_path / "p", tmp_path=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "train.json" in done.stderr and "bash download.sh" in done.stderr

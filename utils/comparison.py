@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from utils.metrics import bootstrap_ci
+
 METHODS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
 # policy names as 10_evaluate.py derives them, plus a seed suffix: grpo, grpo_seed2, grpo-s2, grpo_step_50
 POLICY_PATTERN = re.compile(r"(?P<method>[a-z]+?)(?:[_-](?:seed|s)(?P<seed>\d+))?(?:[_-].*)?", re.IGNORECASE)
@@ -59,8 +61,8 @@ def mean_std(values) -> tuple[float | None, float | None]:
 def paired_bootstrap_ci(a, b, seed: int = 0, n_resamples: int = 2000, level: float = 0.95) -> list[float]:
     """Percentile bootstrap CI of mean(a) - mean(b) over paired items.
 
-    Item indices are resampled with replacement (numpy Generator(PCG64(seed))) and the same
-    indices are used for a and b, so the pairing is kept.
+    `utils.metrics.bootstrap_ci` of the per-item differences a - b: resampling item indices
+    (numpy Generator(PCG64(seed))) resamples a and b together, so the pairing is kept.
 
     Args:
         a, b: per-item values of the same items in the same order (bools count as 0/1).
@@ -73,18 +75,9 @@ def paired_bootstrap_ci(a, b, seed: int = 0, n_resamples: int = 2000, level: flo
         >>> paired_bootstrap_ci([1, 1, 1], [0, 0, 0], seed=0)
         [1.0, 1.0]
     """
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(a) != len(b):
         raise ValueError(f"paired_bootstrap_ci: a has {len(a)} items, b has {len(b)}: pair them by id first")
-    if diff.size == 0:
-        return [0.0, 0.0]
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    means = diff[rng.integers(0, diff.size, size=(n_resamples, diff.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return [float(low), float(high)]
+    return bootstrap_ci(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), seed, n_resamples, level)
 
 
 def mcnemar_p(b: int, c: int) -> tuple[float, str]:

@@ -23,13 +23,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from utils.cli import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "configs" / "models"
 ALGORITHMS_DIR = REPO_ROOT / "configs" / "algorithms"
 DEFAULT_MODEL_CONFIG = "configs/models/smollm2-135m.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file, key, value or flag is wrong; the message names it and the fix."""
 
 
@@ -443,7 +445,7 @@ def parse_overrides(tokens, algorithm: str | None = None) -> list[tuple[str, str
             value, i = str(tokens[i + 1]), i + 1
         i += 1
         name = flag[2:]
-        dotted = SHORTCUTS.get(name, name)
+        dotted = SHORTCUTS.get(name) or _algorithm_flag(name, flag, algorithm) or name
         section, _, key = dotted.partition(".")
         if section == "algorithm" and algorithm is None:
             raise ConfigError(f"{flag}: no algorithm config is loaded; pass --algo_config first")
@@ -454,6 +456,20 @@ def parse_overrides(tokens, algorithm: str | None = None) -> list[tuple[str, str
             raise ConfigError(f"{flag}: the algorithm is chosen by --algo_config, not overridden")
         parsed.append((flag, dotted, _parse_text(value, fields[key], flag)))
     return parsed
+
+
+def _algorithm_flag(name: str, flag: str, algorithm: str | None) -> str | None:
+    """A plain algorithm key as a flag (--clip_range = --algorithm.clip_range), as the seed documents
+    them; None when `name` is no key of the algorithm's section. A key that a model section has
+    too (temperature, top_p) is ambiguous: the error names both dotted forms."""
+    if "." in name or algorithm not in ALGORITHM_SCHEMA or name not in ALGORITHM_SCHEMA[algorithm]:
+        return None
+    shared = [f"--{section}.{name}" for section, fields in SCHEMA.items() if name in fields]
+    if shared:
+        raise ConfigError(f"{flag} is ambiguous: it is a key of the algorithm section and of "
+                          f"{', '.join(s[2:].partition('.')[0] for s in shared)}; write --algorithm.{name} "
+                          f"or {' or '.join(shared)}")
+    return f"algorithm.{name}"
 
 
 # --- public API ---
@@ -505,7 +521,7 @@ def add_common_args(parser: argparse.ArgumentParser, algo: str | None = None) ->
     parser.add_argument("--run_id", default="run_001",
                         help="run folder under outputs/ (letters, digits, _ and -) (default: %(default)s)")
     parser.add_argument("--output_dir", default=None,
-                        help="write here instead of outputs/<run_id>/<module>/")
+                        help="write here instead of outputs/<run_id>/<module>/ (= --paths.output_dir)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="shortcut for --training.per_device_train_batch_size")
     parser.add_argument("--epochs", type=float, default=None, help="shortcut for --training.num_train_epochs")
@@ -518,17 +534,25 @@ def add_common_args(parser: argparse.ArgumentParser, algo: str | None = None) ->
     note = ("Any config value can be overridden with --section.key value (or --section.key=value), "
             "e.g. --training.learning_rate 1e-5 --lora.r 8 --lora.target_modules q_proj,v_proj; "
             "unknown keys are an error that names the close matches.")
+    if algo:
+        plain = [f"--{key}" for key in ALGORITHM_SCHEMA[algo] if key != "name"
+                 and not any(key in fields for fields in SCHEMA.values())]
+        note += (f"\n\nEvery key of configs/algorithms/{algo}.yaml is also a plain flag: "
+                 f"{', '.join(plain)} (= --algorithm.KEY). Keys that a model section shares "
+                 f"(temperature, top_p) need the dotted form, e.g. --algorithm.temperature 0.7.")
     parser.epilog = f"{parser.epilog}\n\n{note}" if parser.epilog else note
     return parser
 
 
-def from_args(args: argparse.Namespace, extra_tokens=()) -> dict:
+def from_args(args: argparse.Namespace, extra_tokens=(), quick_test: dict | None = None) -> dict:
     """Load the config named by parsed args (from parser.parse_known_args()).
 
-    Shortcut flags that are set (--seed included, into training.seed) and the unparsed extra
-    tokens become overrides, extra tokens last so they win.
+    Precedence, lowest first: model YAML, algorithm YAML, `quick_test` ({"section.key": value},
+    a script's --quick_test settings, when args.quick_test is set), shortcut flags that are set
+    (--seed into training.seed, --output_dir into paths.output_dir), the unparsed extra tokens.
     """
-    tokens = []
+    tokens = [token for key, value in (quick_test or {}).items() if getattr(args, "quick_test", False)
+              for token in (f"--{key}", str(value))]
     for name in SHORTCUTS:
         value = getattr(args, name, None)
         if value is not None:

@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from utils.cli import UsageError
+
 CONTEXT_MODES = ("retrieved", "gold", "full")
 PROCESSED_FIELDS = ("id", "split", "source", "question", "context", "context_mode", "table",
                     "prompt", "completion", "input_text", "target_program", "target_answer",
@@ -38,7 +40,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """A data file or example is unusable; the message names the file/field and the fix."""
 
 

@@ -21,6 +21,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.cli import UsageError
+
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 # method -> (module folder, script); the folder names are DESIGN.md's
 METHOD_STAGES = {"ppo": ("05_ppo", "05_train_ppo.py"), "grpo": ("06_grpo", "06_train_grpo.py"),
@@ -34,7 +36,7 @@ RESERVED_OVERRIDES = {"seed": "--seeds", "training.seed": "--seeds", "output_dir
                       "paths.output_dir": "--run_id and paths.output_root", "run_id": "--run_id"}
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A driver flag is wrong; the message names it and the fix."""
 
 

@@ -19,9 +19,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from utils.cli import UsageError
 
-class NonFiniteLogitsError(RuntimeError):
-    """The model produced NaN or +inf logits: its weights or its dtype are broken."""
+
+class NonFiniteLogitsError(UsageError):
+    """The model produced NaN or +inf logits: its weights (a corrupt checkpoint) or its dtype are broken."""
 
 
 class FiniteLogitsCheck(LogitsProcessor):
@@ -99,7 +101,7 @@ def _share_prompt_cache(model, batch: dict, copies: int) -> dict:
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_return_sequences: int = 1, seed: int | None = None, desc: str = "generating",
-             checkpoint: str | None = None, show_progress: bool = True) -> list[dict]:
+             checkpoint: str | None = None, show_progress: bool = True, token_ids: bool = False) -> list[dict]:
     """Generate completions for chat prompts, batched.
 
     Args:
@@ -116,10 +118,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
         desc: progress bar label.
         checkpoint: named in NonFiniteLogitsError.
         show_progress: show a tqdm bar over prompts.
+        token_ids: also return the token ids (PPO scores the sampled tokens themselves:
+            re-tokenizing decoded text need not give them back).
     Returns:
         In input order, {"completions": [str] * K, "num_tokens": [int] * K}: texts of the new
         tokens without special tokens, and the generated token counts up to and including the
-        first EOS (padding after it is not counted).
+        first EOS (padding after it is not counted). With token_ids, also "prompt_ids" (the
+        templated prompt), "completion_ids" ([list[int]] * K, up to and including the EOS) and
+        "finished" ([bool] * K: ended with an EOS within max_new_tokens).
     Raises:
         ValueError when a prompt does not fit the model's context; NonFiniteLogitsError.
     """
@@ -129,9 +135,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
             raise ValueError(f"{name} must be at least 1, got {value}")
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     # the template already writes the special tokens (BOS, <|im_start|>): add none
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prompt_token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     context = _context_length(model, tokenizer)
-    for index, ids in enumerate(token_ids):
+    for index, ids in enumerate(prompt_token_ids):
         if context is not None and len(ids) + max_new_tokens > context:
             raise ValueError(
                 f"prompt {index} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it exceeds "
@@ -147,9 +153,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     if do_sample:  # top_k=0: pure temperature + nucleus sampling, as TRL's trainers sample
         options.update(temperature=temperature, top_p=top_p, top_k=0)
 
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))  # stable: ties keep input order
+    order = sorted(range(len(prompt_token_ids)), key=lambda i: -len(prompt_token_ids[i]))  # stable: ties keep input order
     device = next(model.parameters()).device
-    results: list[dict | None] = [None] * len(token_ids)
+    results: list[dict | None] = [None] * len(prompt_token_ids)
     was_training = model.training
     model.eval()
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -158,7 +164,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
                 tqdm(total=len(order), desc=desc, disable=not show_progress, mininterval=5, unit="prompt") as bar:
             for batch_index, start in enumerate(range(0, len(order), batch_size)):
                 indices = order[start:start + batch_size]
-                batch = _left_pad([token_ids[i] for i in indices], pad_id, device)
+                batch = _left_pad([prompt_token_ids[i] for i in indices], pad_id, device)
                 width = batch["input_ids"].shape[1]
                 if seed is not None:
                     torch.manual_seed(seed + batch_index)
@@ -167,14 +173,18 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
                 check = FiniteLogitsCheck(width, checkpoint)
                 output = model.generate(**batch, **options, logits_processor=LogitsProcessorList([check]))
                 new_tokens = output[:, width:].tolist()  # rows are prompt-major: prompt i's copies together
-                counts = [next((t + 1 for t, token in enumerate(row) if token in eos_set), len(row))
-                          for row in new_tokens]
+                ends = [next((t + 1 for t, token in enumerate(row) if token in eos_set), None) for row in new_tokens]
+                counts = [end or len(row) for end, row in zip(ends, new_tokens)]
                 texts = tokenizer.batch_decode([row[:n] for row, n in zip(new_tokens, counts)],
                                                skip_special_tokens=True)
                 repeat = num_return_sequences // copies  # greedy: the one completion, K times
                 for position, index in enumerate(indices):
                     rows = slice(position * copies, (position + 1) * copies)
                     results[index] = {"completions": texts[rows] * repeat, "num_tokens": counts[rows] * repeat}
+                    if token_ids:
+                        results[index].update(prompt_ids=prompt_token_ids[index], completion_ids=[
+                            row[:n] for row, n in zip(new_tokens[rows], counts[rows])] * repeat,
+                            finished=[end is not None for end in ends[rows]] * repeat)
                 bar.update(len(indices))
     finally:
         model.train(was_training)

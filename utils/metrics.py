@@ -49,7 +49,8 @@ def bootstrap_ci(values, seed: int = 0, n_resamples: int = 1000, level: float = 
     is resampled with the same indices).
 
     Args:
-        values: per-example numbers (bools count as 0/1).
+        values: per-example numbers (bools count as 0/1); for a paired bootstrap, the
+            per-item differences (utils.comparison.paired_bootstrap_ci).
         seed: resampling seed.
         n_resamples: bootstrap resamples.
         level: coverage, e.g. 0.95.

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import UsageError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "smollm2-135m"
 DTYPES = {
@@ -31,21 +33,11 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# config.json entry of a model with a LoRA adapter merged in: the adapter folder it came from
-MERGED_ADAPTER_KEY = "merged_lora_adapter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
-# ChatML, as SmolLM2 and Qwen use it; given to the tiny test tokenizer.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+class ModelLoadError(UsageError):
+    """A model, tokenizer or checkpoint could not be found or loaded; the message says how to fix it."""
 
 
 # --- resolving names ---
@@ -114,6 +106,38 @@ def resolve_model_path(name_or_path_or_config) -> str:
     hub_id = section.get("hub_id") or section["name_or_path"]
     downloaded = ROOT / "models" / str(hub_id).split("/")[-1]
     return str(downloaded) if _is_model_folder(downloaded) else str(hub_id)
+
+
+def resolve_checkpoint(given, flag: str = "--policy_ckpt") -> str:
+    """The policy behind a --policy_ckpt-style flag: the same forms in every script (04, 05, 06, 07, 09, 10).
+
+    Accepts, tried in this order: a checkpoint folder (LoRA adapter or full model), a ckpt_<method>
+    folder (its best/), a module folder holding one ckpt_*/ (its best/: 03_sft, 06_grpo), a run
+    folder (outputs/run_001: the SFT policy, 03_sft/ckpt_sft/best), or, when no such path exists,
+    a base model by config name (smollm2-135m) or hub id.
+    Returns what load_model takes. Raises ModelLoadError naming the flag, what is there and the fix.
+    """
+    path = Path(given)
+    is_model_name = _model_section(str(given)) is not None or not (path.exists() or _looks_local(str(given)))
+    if is_model_name:
+        return resolve_model_path(str(given))  # a base model: config name or hub id
+    if _is_model_folder(path):
+        return str(path)
+    inside = [p for p in (path / "best", *sorted(path.glob("ckpt_*/best"))) if _is_model_folder(p)]
+    if len(inside) > 1:
+        raise ModelLoadError(f"{flag} {path}: several checkpoints inside ({', '.join(map(str, inside))}); pass one")
+    if not inside and _is_model_folder(path / "03_sft" / "ckpt_sft" / "best"):
+        inside = [path / "03_sft" / "ckpt_sft" / "best"]
+    if inside:
+        return str(inside[0])
+    where = path if path.is_dir() else path.parent
+    held = (", ".join(sorted(p.name + "/" * p.is_dir() for p in where.iterdir())[:20]) or "nothing"
+            ) if where.is_dir() else "(missing too)"
+    problem = "no such folder" if not path.exists() else "no checkpoint there (adapter_config.json or config.json)"
+    raise ModelLoadError(
+        f"{flag} {path}: {problem}, and no best/, ckpt_*/best or 03_sft/ckpt_sft/best inside; {where} holds: "
+        f"{held}. Train the SFT policy first (python 03_sft_train.py), or pass a checkpoint folder such as "
+        f"outputs/run_001/03_sft/ckpt_sft/final")
 
 
 def _check_reachable(hub_id: str, what: str):
@@ -274,13 +298,6 @@ def _adapter_base(folder: Path) -> str | None:
     return resolve_model_path(str(local) if local.exists() else base)
 
 
-def holds_merged_adapter(name_or_path) -> bool:
-    """Whether a model folder holds a LoRA update that load_model merged in (saved from such a
-    model: PPO's and DPO's reference_model/). Its weights must stay float32, see load_model."""
-    config = Path(str(name_or_path)) / "config.json"
-    return config.is_file() and bool(json.loads(config.read_text()).get(MERGED_ADAPTER_KEY))
-
-
 def _hub_kwargs(section: dict | None, *keys) -> dict:
     """from_pretrained options the model config sets (revision, trust_remote_code, ...)."""
     if section is None:
@@ -340,14 +357,14 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
     """Load a causal LM for inference or as a trainer's starting point.
 
     Args:
-        name_or_path_or_config: hub id, folder, model config, or a LoRA adapter folder (merged
-            into its base model, so the result is a plain model).
+        name_or_path_or_config: hub id, folder, model config, or a LoRA adapter folder (loaded
+            over its base model).
         dtype: see resolve_dtype; "auto" defers to the config's model.dtype when given a config.
-            An adapter is always merged in, and kept in, float32 (and so is a folder saved from
-            such a model, see holds_merged_adapter): rounding W + dW to bf16 erases
-            every update smaller than half a bf16 step of W (measured: the quick-test SFT checkpoint
-            writes the JSON format for 13/16 test prompts merged in float32, 0/16 merged in bf16,
-            where it answers in prose like the base model).
+            The base weights take this dtype. An adapter is merged into the base only in float32;
+            in half precision it stays a separate fp32 module (a PeftModel), because rounding
+            W + dW to bf16 erases every update smaller than half a bf16 step of W (measured: the
+            quick-test SFT checkpoint writes the JSON format for 13/16 test prompts merged in
+            float32, 0/16 merged in bf16, where it answers in prose like the base model).
         device: "cpu", "cuda", "cuda:1"…; None = CUDA when available, else CPU.
     Returns:
         The model in eval mode on `device`, with generation_config.pad_token_id set.
@@ -363,16 +380,13 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
     options = _hub_kwargs(section, "revision", "trust_remote_code", "attn_implementation")
     folder = _local_folder(path, "model")
     base = _adapter_base(folder) if folder is not None else None
+    model = _from_pretrained(AutoModelForCausalLM, base or path, "model", dtype=torch_dtype, **options)
     if base is not None:
         from peft import PeftModel
 
-        model = _from_pretrained(AutoModelForCausalLM, base, "model", dtype=torch.float32, **options)
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        # saved with the model's config.json, so a later load of the merged folder keeps float32 too
-        setattr(model.config, MERGED_ADAPTER_KEY, str(folder))
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, path, "model", **options,
-                                 dtype=torch.float32 if holds_merged_adapter(path) else torch_dtype)
+        model = PeftModel.from_pretrained(model, str(folder))  # peft keeps the adapter in float32
+        if torch_dtype == torch.float32:
+            model = model.merge_and_unload()  # exact in float32, and generation skips the LoRA matmuls
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         eos = generation.eos_token_id
@@ -390,73 +404,6 @@ def load_model_config(name_or_path_or_config):
     base = _adapter_base(folder) if folder is not None else None
     return _from_pretrained(AutoConfig, base or path, "model config",
                             **_hub_kwargs(section, "revision", "trust_remote_code"))
-
-
-# --- tiny models for tests ---
-
-def _tiny_tokenizer():
-    """A byte-level BPE trained on a few FinQA-like strings: encodes any text, no downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [
-        "what was the percentage change in net revenue from 2017 to 2018 ?",
-        "the table shows revenue of $ 5,829 million in 2018 and $ 5,735 million in 2017 .",
-        '{"program": "subtract(5829, 5735), divide(#0, 5735)", "answer": "1.6%"}',
-        "add subtract multiply divide exp greater table_max table_min table_sum table_average",
-        "const_100 const_1000 const_m1 #0 #1 #2 yes no 0 1 2 3 4 5 6 7 8 9 . , % $ ( ) : \"",
-        "system user assistant You are a helpful assistant. Answer with one JSON object.",
-    ]
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
-
-
-def build_tiny_model(dest, architecture: str = "llama", seed: int = 0) -> Path:
-    """Save a tiny randomly initialised causal LM (2 layers, hidden 64) and a tokenizer.
-
-    Args:
-        dest: folder to write (created; files inside are overwritten).
-        architecture: "llama" (SmolLM2's family) or "gpt2" (Conv1D layers, other LoRA names).
-        seed: initialisation seed; the same seed gives the same weights.
-    Returns:
-        dest as a Path. The tokenizer is the default model's when models/SmolLM2-135M-Instruct
-        exists, else a small byte-level BPE with a ChatML template; the vocab matches it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
-
-    dest = Path(dest)
-    default = ROOT / "models" / "SmolLM2-135M-Instruct"
-    if (default / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(default))
-    else:
-        tokenizer = _tiny_tokenizer()
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if architecture == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=4096, tie_word_embeddings=True, **ids)
-    elif architecture == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=4096, **ids)
-    else:
-        raise ValueError(f"architecture must be 'llama' or 'gpt2', got '{architecture}'")
-    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
-    return dest
 
 
 # --- command line ---

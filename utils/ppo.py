@@ -10,7 +10,7 @@ and the InstructGPT recipe (Ouyang et al. 2022), in TRL's names:
   2. score     R = utils.rewards.score(completion).total; normalized by running mean/std and
                clipped to +-reward_clip.
   3. forward   log-probs of the sampled tokens under the policy (old) and the reference (the
-               SFT model: the same network with the LoRA adapter disabled), and values V_t.
+               SFT policy: the same base under a frozen copy of the SFT adapter), and values V_t.
   4. reward    r_t = -kl_coef (log pi(a_t) - log pi_ref(a_t)), plus R on the last token.
   5. GAE       delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns = A + V.
   6. update    ppo_epochs passes over num_mini_batches mini-batches of
@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LogitsProcessorList
+from trl.trainer.utils import use_adapter
 
-from utils.generation import FiniteLogitsCheck, _eos_ids, _left_pad
-from utils.rewards import COMPONENTS, RewardSpec, score
+from utils.generation import generate
+from utils.rewards import RewardSpec, reward_log, score
+from utils.rl import REFERENCE_ADAPTER
 
 
 # --- hyperparameters ---
@@ -292,36 +293,34 @@ class PolicyWithValueHead(nn.Module):
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
-        """Logits of the reference policy: the same network with the LoRA adapter switched off."""
-        with self.policy.disable_adapter():
+        """Logits of the reference policy: the same base weights under the frozen "ref" adapter, a
+        copy of the start (SFT) adapter (utils.rl.add_reference_adapter), as TRL's trainers do."""
+        with use_adapter(self.policy, REFERENCE_ADAPTER):
             out = self.policy(**self._inputs(input_ids, attention_mask, response_length))
         return out.logits[:, :-1].float()
 
 
-def build_policy(base_model, cfg: dict, adapter_dir: str | Path | None = None) -> PolicyWithValueHead:
-    """Wrap the (SFT-merged) base model with a LoRA adapter and a value head.
-
-    The SFT adapter was merged into base_model's weights at load time, so the reference policy,
-    `with policy.disable_adapter()`, is the SFT model itself, and the trainable adapter starts
-    at zero (LoRA's B = 0): at step 0 policy and reference are the same, KL = 0. No second copy
-    of the model is held. adapter_dir (a PPO checkpoint) resumes a trained adapter and value head.
+def build_policy(policy, cfg: dict, resume_dir: str | Path | None = None) -> PolicyWithValueHead:
+    """Wrap the start policy (utils.rl.load_policy: the SFT adapter trainable, "default") with a value
+    head, and add the frozen reference adapter "ref", a copy of the start adapter: at step 0
+    policy and reference are the same, KL = 0, and no second model is held. resume_dir (a
+    ckpt_ppo/step_N folder) restores the trained adapter and value head.
     """
-    from peft import PeftModel, get_peft_model
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    from utils.training import lora_config
+    from utils.rl import add_reference_adapter
 
-    for param in base_model.parameters():
-        param.requires_grad_(False)
+    add_reference_adapter(policy)
     if cfg["training"]["gradient_checkpointing"]:
         # non-reentrant: gradients reach the LoRA weights although the inputs need no grad
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter_dir is None:
-        policy = get_peft_model(base_model, lora_config(cfg))
-    else:
-        policy = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
-    model = PolicyWithValueHead(policy, base_model.config.hidden_size).to(base_model.device)
-    if adapter_dir is not None:
-        model.value_head.load_state_dict(torch.load(Path(adapter_dir) / "value_head.pt", weights_only=True))
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if resume_dir is not None:
+        set_peft_model_state_dict(policy, load_file(str(Path(resume_dir) / "adapter_model.safetensors")),
+                                  adapter_name="default")
+    model = PolicyWithValueHead(policy, policy.config.hidden_size).to(policy.device)
+    if resume_dir is not None:
+        model.value_head.load_state_dict(torch.load(Path(resume_dir) / "value_head.pt", weights_only=True))
     disable_dropout(model)
     model.train()  # for gradient checkpointing, which runs in train mode only; dropout is off
     return model
@@ -358,37 +357,15 @@ class Rollout:
 
 def sample_rollout(policy, tokenizer, prompts: list[list[dict]], hp: PPOHyperparams, seed: int,
                    device) -> Rollout:
-    """Sample one completion per chat prompt and keep the token ids (the text alone is not
-    enough: re-tokenizing decoded text need not give back the sampled tokens).
-
-    Uses utils.generation's padding, EOS and NaN-logit handling; sampling is seeded (seed +
-    chunk index) inside a forked RNG, as utils.generation.generate does.
-    """
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    queries = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template writes the specials
-    eos_ids = _eos_ids(policy, tokenizer)
-    eos_set = set(eos_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    responses: list[list[int]] = []
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    was_training = policy.training
-    policy.eval()  # the KV cache is off in train mode when gradient checkpointing is on
-    try:
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            for chunk, start in enumerate(range(0, len(queries), hp.generation_batch_size)):
-                batch = _left_pad(queries[start:start + hp.generation_batch_size], pad_id, device)
-                width = batch["input_ids"].shape[1]
-                torch.manual_seed(seed + chunk)
-                output = policy.generate(**batch, max_new_tokens=hp.max_new_tokens, do_sample=True,
-                                         temperature=hp.temperature, top_p=hp.top_p, top_k=0, use_cache=True,
-                                         pad_token_id=pad_id, eos_token_id=eos_ids,
-                                         logits_processor=LogitsProcessorList([FiniteLogitsCheck(width, None)]))
-                for row in output[:, width:].tolist():
-                    end = next((t + 1 for t, token in enumerate(row) if token in eos_set), len(row))
-                    responses.append(row[:end])
-    finally:
-        policy.train(was_training)
-
+    """Sample one completion per chat prompt with utils.generation.generate (batched, seeded, context
+    checked) and keep the token ids (the text alone is not enough: re-tokenizing decoded text need
+    not give back the sampled tokens)."""
+    outputs = generate(policy, tokenizer, prompts, max_new_tokens=hp.max_new_tokens,
+                       batch_size=hp.generation_batch_size, do_sample=True, temperature=hp.temperature,
+                       top_p=hp.top_p, seed=seed, desc="rollout", show_progress=False, token_ids=True)
+    queries = [o["prompt_ids"] for o in outputs]
+    responses = [o["completion_ids"][0] for o in outputs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # one tensor for the batch: prompts left-padded to the longest, responses right-padded
     prompt_width, length = max(map(len, queries)), max(map(len, responses))
     ids, attention, mask = [], [], []
@@ -399,9 +376,8 @@ def sample_rollout(policy, tokenizer, prompts: list[list[dict]], hp: PPOHyperpar
         mask.append([1] * len(response) + [0] * tail)
     as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
     return Rollout(query_response=as_tensor(ids, torch.long), attention_mask=as_tensor(attention, torch.long),
-                   mask=as_tensor(mask, torch.float32),
-                   texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
-                   truncated=[not (r and r[-1] in eos_set) for r in responses])
+                   mask=as_tensor(mask, torch.float32), texts=[o["completions"][0] for o in outputs],
+                   truncated=[not o["finished"][0] for o in outputs])
 
 
 # --- trainer ---
@@ -449,13 +425,15 @@ class PPOTrainer:
     def step(self, examples: list[dict], step: int) -> dict:
         """Rollout on this process's examples, then the PPO update; returns metrics over all processes.
 
-        TRL's names: reward, reward_std (raw scores), rewards/<component>/mean (weighted components),
-        kl (mean per-completion sum of log pi - log pi_ref over response tokens), entropy (mean
-        per-token, in the updates), completions/mean_length, completions/clipped_ratio (no EOS),
+        TRL's names and meanings (utils.rewards.reward_log): reward, reward_std (the weighted
+        total score), rewards/<function>/mean and /std (each reward function's unweighted value),
+        kl (per-token mean of log pi - log pi_ref over the response tokens, as RLOOTrainer logs
+        it), entropy (mean per-token, in the updates), completions/mean_length, completions/clipped_ratio (no EOS),
         loss, grad_norm (before clipping), learning_rate, train/tokens_per_s (generated tokens per
         second of the whole step). Ours, under ppo/: policy_loss, value_loss, clipfrac,
         value_clipfrac, approx_kl (k3, means over the updates taken), explained_variance (rollout
-        values vs returns), kl_coef (used this step), returns_mean, values_mean,
+        values vs returns; NaN, logged null, when undefined), kl_coef (used this step),
+        kl_per_completion (the summed KL per completion that the adaptive controller targets), returns_mean, values_mean,
         advantages_mean (before whitening), reward_running_mean/std, updates (mini-batch steps
         taken), early_stopped; time/generate_s, time/step_s.
         """
@@ -468,7 +446,7 @@ class PPOTrainer:
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # once per PPO step: early stopping makes the update count vary
         metrics = self.summarize(experience, stats)
-        self.kl_controller.update(metrics["kl"], n_steps=self.hp.rollout_batch_size)
+        self.kl_controller.update(metrics["ppo/kl_per_completion"], n_steps=self.hp.rollout_batch_size)
         elapsed = time.perf_counter() - started
         generated_tokens = metrics.pop("generated_tokens")
         metrics.update({"learning_rate": learning_rate, "train/tokens_per_s": generated_tokens / elapsed,
@@ -520,9 +498,7 @@ class PPOTrainer:
         acc, hp = self.accelerator, self.hp
         rollout = experience["rollout"]
         mask, responses, length = rollout.mask, rollout.responses, rollout.response_length
-        stats = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac",
-                                 "approx_kl", "entropy", "grad_norm")}
-        stats["early_stopped"] = [0.0]
+        stats: dict[str, list[float]] = {"early_stopped": [0.0]}
         size = len(responses)
         mini_size = size // hp.num_mini_batches
         generator = torch.Generator().manual_seed(seed)
@@ -531,8 +507,7 @@ class PPOTrainer:
             for start in range(0, size, mini_size):
                 mini = order[start:start + mini_size]
                 micro_batches = [mini[i:i + hp.micro_batch_size] for i in range(0, len(mini), hp.micro_batch_size)]
-                totals = dict.fromkeys(("policy_loss", "value_loss", "loss", "clipfrac", "value_clipfrac",
-                                        "approx_kl", "entropy"), 0.0)
+                totals: dict[str, float] = {}
                 self.optimizer.zero_grad()
                 for index, rows in enumerate(micro_batches):
                     weight = len(rows) / len(mini)
@@ -551,14 +526,14 @@ class PPOTrainer:
                         # loss = L_clip + vf_coef L_V - entropy_coef H
                         loss = pg_loss + hp.vf_coef * vf_loss - hp.entropy_coef * entropy
                         acc.backward(loss * weight)
-                    for name, value in zip(totals, (pg_loss, vf_loss, loss, clipfrac, vf_clipfrac, approx_kl,
-                                                    entropy)):
-                        totals[name] += float(value.detach()) * weight
+                    record = {"policy_loss": pg_loss, "value_loss": vf_loss, "loss": loss, "clipfrac": clipfrac,
+                              "value_clipfrac": vf_clipfrac, "approx_kl": approx_kl, "entropy": entropy}
+                    for name, value in record.items():
+                        totals[name] = totals.get(name, 0.0) + float(value.detach()) * weight
                 grad_norm = acc.clip_grad_norm_(self.params, hp.max_grad_norm)
                 self.optimizer.step()
-                for name, value in totals.items():
-                    stats[name].append(value)
-                stats["grad_norm"].append(float(grad_norm))
+                for name, value in {**totals, "grad_norm": float(grad_norm)}.items():
+                    stats.setdefault(name, []).append(value)
                 # early stop on the mean over processes, so that every process stops together
                 if float(acc.reduce(torch.tensor(totals["approx_kl"], device=acc.device), "mean")) > hp.max_approx_kl:
                     stats["early_stopped"] = [1.0]
@@ -566,28 +541,30 @@ class PPOTrainer:
         return stats
 
     def summarize(self, experience: dict, stats: dict[str, list[float]]) -> dict:
-        """Step metrics: per-completion values gathered from every process, the rest averaged."""
+        """Step metrics: per-completion values gathered from every process, the rest averaged.
+        The reward entries are utils.rewards.reward_log's, the names and meanings TRL's GRPO and
+        RLOO log, so the curves of every method compare directly."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
-        rollout, results, mask = experience["rollout"], experience["results"], experience["rollout"].mask
-        columns = [experience["scores"], experience["kl"].sum(1), mask.sum(1),
-                   torch.tensor(rollout.truncated, dtype=torch.float32)]
-        columns += [torch.tensor([getattr(r, c) for r in results], dtype=torch.float32) for c in COMPONENTS]
-        completions = acc.gather(torch.stack([c.to(acc.device).float() for c in columns], dim=1))
+        rollout, mask = experience["rollout"], experience["rollout"].mask
+        per_completion = {"kl_sum": experience["kl"].sum(1), "length": mask.sum(1),
+                          "clipped": torch.tensor(rollout.truncated, dtype=torch.float32)}
+        gathered = {name: acc.gather(column.to(acc.device).float()) for name, column in per_completion.items()}
         values, returns = experience["values"], experience["returns"]
         local = {name: sum(v) / len(v) for name, v in stats.items()}
         local.update(updates=float(len(stats["loss"])),
                      advantages_mean=float(masked_mean(experience["raw_advantages"], mask)),
                      returns_mean=float(masked_mean(returns, mask)), values_mean=float(masked_mean(values, mask)),
-                     explained_variance=_nan_to_num(explained_variance(values, returns, mask)))
-        mean = dict(zip(local, acc.reduce(torch.tensor(list(local.values()), device=acc.device), "mean").tolist()))
+                     explained_variance=explained_variance(values, returns, mask))  # NaN when undefined: logged null
+        mean = self._mean_over_processes(local)
         return {
-            "reward": float(completions[:, 0].mean()),
-            "reward_std": float(completions[:, 0].std(unbiased=False)),
-            **{f"rewards/{c}/mean": float(completions[:, 4 + i].mean()) for i, c in enumerate(COMPONENTS)},
-            "kl": float(completions[:, 1].mean()),
+            **reward_log(gather_object(experience["results"])),
+            "kl": float(gathered["kl_sum"].sum() / gathered["length"].sum().clamp(min=1)),  # per token, as RLOO's
+            "ppo/kl_per_completion": float(gathered["kl_sum"].mean()),  # what the KL controller targets
             "entropy": mean["entropy"],
-            "completions/mean_length": float(completions[:, 2].mean()),
-            "completions/clipped_ratio": float(completions[:, 3].mean()),
+            "completions/mean_length": float(gathered["length"].mean()),
+            "completions/clipped_ratio": float(gathered["clipped"].mean()),
             "loss": mean["loss"],
             "grad_norm": mean["grad_norm"],
             **{f"ppo/{name}": mean[name] for name in (
@@ -595,8 +572,15 @@ class PPOTrainer:
                 "returns_mean", "values_mean", "advantages_mean", "updates", "early_stopped")},
             "ppo/reward_running_mean": self.reward_moments.mean,
             "ppo/reward_running_std": self.reward_moments.std,
-            "generated_tokens": float(completions[:, 2].sum()),
+            "generated_tokens": float(gathered["length"].sum()),
         }
+
+    def _mean_over_processes(self, record: dict[str, float]) -> dict[str, float]:
+        """Each named value averaged over the processes (one all-reduce for the whole record)."""
+        names = list(record)
+        reduced = self.accelerator.reduce(torch.tensor([record[name] for name in names],
+                                                       device=self.accelerator.device), "mean").tolist()
+        return {name: reduced[i] for i, name in enumerate(names)}
 
     @staticmethod
     def _chunks(n: int, size: int) -> list[slice]:
@@ -632,7 +616,3 @@ class PPOTrainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         return state["extra"]
-
-
-def _nan_to_num(value: float) -> float:
-    return 0.0 if math.isnan(value) else value

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.cli import UsageError
 from utils.finqa_program import equivalent, execute, program_steps
 
 COMPONENTS = ("exact", "numeric", "program", "format")
@@ -81,17 +82,21 @@ def load_spec(path: str | Path) -> RewardSpec:
                                 f"or pass --reward_spec PATH")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        raise UsageError(f"{path}: not valid YAML{f' at line {where.line + 1}' if where else ''}; rebuild it with "
+                         f"python 02_build_rewards.py") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weights", {}), dict):
+        raise UsageError(f"{path}: expected a mapping with a 'weights' mapping; rebuild it with python 02_build_rewards.py")
     values = {**raw.get("weights", {}), **{k: v for k, v in raw.items() if k != "weights"}}
     known = {f.name: f.type for f in fields(RewardSpec)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"{path}: unknown reward spec keys {unknown}; known: {sorted(known)}")
+        raise UsageError(f"{path}: unknown reward spec keys {unknown}; known: {sorted(known)}")
     for key, value in values.items():
         wanted = bool if known[key] == "bool" else (int, float)
         if not isinstance(value, wanted) or (wanted != bool and isinstance(value, bool)):
-            raise ValueError(f"{path}: {key} must be {known[key]}, got {value!r}")
+            raise UsageError(f"{path}: {key} must be {known[key]}, got {value!r}")
     return RewardSpec(**values)
 
 
@@ -235,17 +240,6 @@ def step_overlap(program: str | None, gold_program: str | None) -> float:
     return shared / max(len(predicted), len(gold))
 
 
-def program_match(program: str | None, gold_program: str | None) -> float:
-    """Partial credit in [0, 1]: 1.0 if symbolically equivalent (official program accuracy),
-    else `step_overlap`.
-
-    Example: program_match("add(2, 3)", "add(3, 2)") -> 1.0
-    """
-    if not isinstance(program, str) or not isinstance(gold_program, str):
-        return 0.0
-    return 1.0 if equivalent(program, gold_program) else step_overlap(program, gold_program)
-
-
 # --- score ---------------------------------------------------------------------------------
 
 def score(completion_text: str, example: dict, spec: RewardSpec = RewardSpec()) -> RewardResult:
@@ -279,6 +273,7 @@ def score(completion_text: str, example: dict, spec: RewardSpec = RewardSpec()) 
     gold_program = example.get("target_program")
     program_equivalent = (isinstance(program, str) and isinstance(gold_program, str)
                           and equivalent(program, gold_program))
+    # program component's partial credit in [0, 1] (RewardResult.program_match)
     match = 1.0 if program_equivalent else step_overlap(program, gold_program)
     format_valid = strict and program_steps(program) is not None
 
@@ -311,13 +306,24 @@ def completion_text(completion) -> str:
     return ""
 
 
-def trl_reward_functions(spec: RewardSpec = RewardSpec()):
-    """Batched reward functions for TRL, one per component, and their weights.
+# The training-log reward functions: name (TRL logs rewards/<name>/mean), unweighted value, and
+# the spec weight that turns it into its share of score().total. format_error is 1 for an invalid
+# format, so its name reads right; its weight is negative.
+REWARD_FUNCTIONS = (
+    ("exact", lambda r: float(r.exact_match), "exact"),
+    ("numeric", lambda r: float(r.numeric_close), "numeric"),
+    ("program", lambda r: float(r.program_match), "program"),
+    ("format_error", lambda r: float(not r.format_valid), "format"),
+)
 
-    Each `fn(completions, **columns) -> list[float]` returns the unweighted component
-    (exact/numeric: 0 or 1, program: partial match, format: 1 when invalid); pass the returned
-    weights as `reward_weights`, so the weighted sum equals `score().total` and TRL logs
-    `rewards/<component>/mean`.
+
+def trl_reward_functions(spec: RewardSpec = RewardSpec()):
+    """Batched reward functions for TRL, one per REWARD_FUNCTIONS entry, and their weights.
+
+    Each `fn(completions, **columns) -> list[float]` returns the unweighted value (exact/numeric:
+    0 or 1, program: partial match, format_error: 1 when invalid); pass the returned weights as
+    `reward_weights`, so the weighted sum equals `score().total` and TRL logs
+    `rewards/<name>/mean`.
     """
     cache = {}  # TRL calls every function on the same batch: score each batch once
 
@@ -330,14 +336,36 @@ def trl_reward_functions(spec: RewardSpec = RewardSpec()):
                           for i, text in enumerate(texts)]
         return cache[key]
 
-    def component(name, raw):
+    def function(name, value):
         def reward(completions, **columns):
-            return [float(raw(r)) for r in results(completions, **columns)]
+            return [value(r) for r in results(completions, **columns)]
         reward.__name__ = name
         return reward
 
-    functions = [component("exact", lambda r: r.exact_match),
-                 component("numeric", lambda r: r.numeric_close),
-                 component("program", lambda r: r.program_match),
-                 component("format", lambda r: not r.format_valid)]
-    return functions, [spec.exact, spec.numeric, spec.program, spec.format]
+    functions = [function(name, value) for name, value, _ in REWARD_FUNCTIONS]
+    return functions, [getattr(spec, weight) for _, _, weight in REWARD_FUNCTIONS]
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (n - 1), as TRL's nanstd; 0 for fewer than 2 values."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def reward_log(results) -> dict[str, float]:
+    """One training-log record of a scored batch, with the names and meanings TRL's GRPO and RLOO
+    trainers log for the same batch: `reward` and `reward_std` of the weighted total (score().total),
+    and `rewards/<name>/mean`, `rewards/<name>/std` of each REWARD_FUNCTIONS value, unweighted.
+
+    Example: a batch of one valid and one invalid completion has rewards/format_error/mean 0.5,
+    whatever the format weight; its share of `reward` is weight x 0.5.
+    """
+    totals = [r.total for r in results]
+    record = {"reward": sum(totals) / max(len(totals), 1), "reward_std": _std(totals)}
+    for name, value, _ in REWARD_FUNCTIONS:
+        values = [value(r) for r in results]
+        record[f"rewards/{name}/mean"] = sum(values) / max(len(values), 1)
+        record[f"rewards/{name}/std"] = _std(values)
+    return record

@@ -1,32 +1,28 @@
-"""Shared setup of the TRL online RL trainers (06 GRPO, 07 RLOO): everything but the algorithm.
+"""What the four RL scripts share (05 PPO, 06 GRPO, 07 RLOO, 09 DPO): command line, start policy,
+reference mechanism, prompts, reward functions, output folder, and the whole run of the TRL
+online trainers (06, 07).
 
-    cfg = resolve_config(args, extra_tokens)            # model YAML < algorithm YAML < --quick_test < CLI
-    metrics = run("06_grpo", cfg, args, build_trainer)  # data, policy, callbacks, train, save, manifest
+    parser = argument_parser(__doc__, "grpo", QUICK_TEST, "...")   # common flags + --policy_ckpt, --resume...
+    cfg = config.from_args(args, extra_tokens, QUICK_TEST)         # model YAML < algorithm YAML < quick < CLI
+    metrics = run("06_grpo", cfg, args, build_trainer)             # data, policy, callbacks, train, save
 
-run() does the same for every method (same data, prompts, reward functions and weights, sampling
+Pieces:
+    start_checkpoint(args, cfg)            # --policy_ckpt in utils.modeling.resolve_checkpoint's forms
+    load_policy(ckpt, cfg)                 # (peft model, start adapter trainable; tokenizer; info)
+    add_reference_adapter(model)           # PPO: the frozen "ref" copy TRL's trainers add themselves
+    load_prompts(path) / read_split(path)  # a processed split as a Dataset / as rows
+    reward_functions(spec, sample_log)     # one TRL reward function per reward term, and the weights
+    SampleLog                              # RLOO's per-sample reward and leave-one-out baseline log
+
+One reference mechanism for every method: the start (SFT) adapter is trained, and the reference is
+a frozen copy of it, the adapter "ref", over the same base weights (load_policy explains why).
+run() does the same for GRPO and RLOO (same data, prompts, reward functions and weights, sampling
 settings, validation protocol, checkpoint layout and log names); the script's build_trainer adds
-its algorithm's own hyperparameters to trainer_arguments() and builds the TRL trainer. Pieces:
-
-    resolve_policy_ckpt("outputs/run_001/03_sft")      # -> .../03_sft/ckpt_sft/best
-    load_policy(ckpt, cfg)                             # (peft model, SFT adapter trainable; tokenizer; info)
-    load_prompts("datasets/finqa_processed/train.jsonl")  # Dataset: prompt + the reward columns
-    reward_functions(spec)                             # (one TRL reward function per component, weights)
-    leave_one_out_baselines(rewards, k); LeaveOneOutSampleLog (RLOO's per-sample reward log)
-
-The policy is the base model with the SFT LoRA adapter loaded trainable. TRL 1.16 handles a
-PeftModel with a pretrained adapter by copying it into a frozen adapter named "ref" and taking
-the reference log-probs with that adapter active (grpo_trainer.py / rloo_trainer.py, "ref"
-adapter), so the KL term is measured against the SFT policy, not the base model, with no second
-model in memory. (Had TRL disabled the adapters instead, the reference would have been the base
-model; merging the SFT adapter into the base and training a fresh LoRA would have been the fix.)
-Continuing the SFT adapter also keeps every RL checkpoint a plain LoRA adapter over the base
-model, loadable by utils.modeling.load_model like the SFT checkpoints.
+its algorithm's own hyperparameters to trainer_arguments() and builds the TRL trainer.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -59,54 +55,38 @@ def leave_one_out_baselines(rewards: Sequence[float], group_size: int) -> list[f
     return baselines
 
 
-# --- policy ----------------------------------------------------------------------------------
+# --- policy and reference ---
 
-def _is_checkpoint(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
-
-
-def resolve_policy_ckpt(given: str | Path) -> Path:
-    """The checkpoint behind --policy_ckpt: a checkpoint folder, or an SFT run folder's ckpt_sft/best.
-
-    Accepts a checkpoint (LoRA adapter or full model), a ckpt_sft folder, an SFT module folder
-    (outputs/run_001/03_sft) or a run folder (outputs/run_001).
-    """
-    path = Path(given)
-    for folder in (path, path / "best", path / "ckpt_sft" / "best", path / "03_sft" / "ckpt_sft" / "best"):
-        if _is_checkpoint(folder):
-            return folder
-    where = path if path.is_dir() else path.parent
-    held = ", ".join(sorted(p.name for p in where.iterdir())[:20]) if where.is_dir() else "(missing too)"
-    raise FileNotFoundError(
-        f"--policy_ckpt {path}: no checkpoint there (adapter_config.json or config.json) and no "
-        f"ckpt_sft/best inside; {where} holds: {held or 'nothing'}. Train the SFT policy first "
-        f"(python 03_sft_train.py) or pass a checkpoint folder such as .../03_sft/ckpt_sft/final")
+REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of the start adapter
 
 
 def load_policy(ckpt: str | Path, cfg: dict):
-    """The trainable policy: the base model with the checkpoint's LoRA adapter, trainable.
+    """The trainable policy every RL method (05 PPO, 06 GRPO, 07 RLOO, 09 DPO) starts from.
 
     Args:
         ckpt: a LoRA adapter folder (the SFT checkpoint), or a full model folder, which gets a
             fresh LoRA from cfg["lora"] (RL straight from a model; its reference is that model).
         cfg: the resolved config (model.dtype, lora).
     Returns:
-        (peft model in train mode, tokenizer, {"dtype": frozen base weights' dtype,
-        "base_model": base folder or hub id}).
+        (peft model in train mode with the start adapter, named "default", trainable; tokenizer;
+        {"dtype": the frozen base weights' dtype, "base_model": base folder or hub id}).
 
-    The frozen base weights take the config's dtype (bf16 where it is fast, DESIGN.md), the
-    trainable LoRA weights stay float32: peft upcasts adapters, so the optimizer keeps fp32
-    master weights, and sampling, which dominates RL time, runs at bf16 speed. A base that holds
-    a merged adapter (a PPO or DPO checkpoint's reference_model) is the exception: it trains in
-    float32 throughout, as PPO and DPO do, because bf16 would round its merged update away; cfg's
-    model.dtype is set to float32 so the trainer's autocast follows.
+    The reference policy is a frozen copy of the start adapter, named "ref", over the same base
+    weights: TRL's GRPO, RLOO and DPO trainers add it themselves when given a PeftModel (their
+    "ref" adapter), PPO through add_reference_adapter(). The reference is then exactly the start
+    policy, no second model is held, and the base weights keep the config's dtype (bf16 where it is
+    fast; an 8B base stays 16 GB) while the LoRA weights stay float32 (peft upcasts adapters), so no
+    update is rounded into half-precision weights. Every RL checkpoint is a LoRA adapter over
+    the base model, loadable by utils.modeling.load_model like an SFT checkpoint.
     """
     from peft import PeftModel, get_peft_model
 
+    if not cfg["lora"]["enabled"]:
+        raise config_lib.ConfigError("lora.enabled false: the RL stages train a LoRA adapter against a frozen "
+                                     "copy of the start adapter (the reference); full fine-tuning is for "
+                                     "03_sft_train.py only. Drop --lora.enabled false")
     ckpt = Path(ckpt)
     base = modeling._adapter_base(ckpt)  # None for a full model folder
-    if modeling.holds_merged_adapter(base or ckpt):
-        cfg["model"]["dtype"] = "float32"
     dtype = modeling.resolve_dtype(cfg["model"].get("dtype") or "auto")
     model = modeling.load_model(base or str(ckpt), dtype=dtype)
     if base is not None:
@@ -117,6 +97,18 @@ def load_policy(ckpt: str | Path, cfg: dict):
     tokenizer = modeling.load_tokenizer(ckpt, chat_template=None)
     tokenizer.padding_side = "left"
     return model, tokenizer, {"dtype": str(dtype).replace("torch.", ""), "base_model": base or str(ckpt)}
+
+
+def add_reference_adapter(model) -> None:
+    """Add the frozen reference adapter: a copy of the start ("default") adapter named "ref", as TRL's
+    trainers do for GRPO, RLOO and DPO. Take reference passes inside trl's use_adapter(model, "ref")."""
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            reference = model.get_parameter(name.replace(".default.", f".{REFERENCE_ADAPTER}."))
+            reference.data.copy_(param.data)
+            reference.requires_grad_(False)
+    model.set_adapter("default")  # keeps "default" active and trainable, "ref" frozen
 
 
 # --- data and rewards ------------------------------------------------------------------------
@@ -145,126 +137,135 @@ def load_prompts(path: str | Path, limit: int | None = None):
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
-def reward_functions(spec):
+def read_split(path: Path, flag: str) -> list[dict]:
+    """A processed split's examples; a missing file names the flag and how to make it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py first (or pass {flag} FILE, "
+                                f"or --paths.data_dir FOLDER with train.jsonl and val.jsonl)")
+    return runs.read_jsonl(path)
+
+
+def reward_functions(spec, sample_log: "SampleLog | None" = None):
     """utils.rewards.trl_reward_functions(spec), given only the dataset's columns.
 
-    TRL 1.16 also passes prompts, completion_ids, trainer_state, log_extra and log_metric; the
-    reward API builds each example from the per-row columns, so only those reach it.
-    Returns (functions, weights) for reward_funcs / reward_weights.
+    TRL 1.16 also passes prompts, completion_ids, trainer_state, log_extra and log_metric (its
+    public reward-function hooks); the reward API builds each example from the per-row columns,
+    so only those reach it. With `sample_log`, every value is also handed to it, with the
+    trainer state, to write the per-sample log. Returns (functions, weights) for reward_funcs /
+    reward_weights.
     """
     functions, weights = trl_reward_functions(spec)
 
-    def columns_only(function):
-        def reward(completions, **columns):
-            return function(completions, **{k: columns[k] for k in REWARD_COLUMNS if k in columns})
+    def columns_only(function, weight):
+        def reward(completions, trainer_state=None, **columns):
+            values = function(completions, **{k: columns[k] for k in REWARD_COLUMNS if k in columns})
+            if sample_log is not None and trainer_state is not None:
+                sample_log.add(trainer_state, function.__name__, weight, columns.get("id", []), values)
+            return values
         reward.__name__ = function.__name__  # TRL logs rewards/<__name__>/mean
         return reward
 
-    return [columns_only(f) for f in functions], weights
+    if sample_log is not None:
+        sample_log.expect(len(functions))
+    return [columns_only(f, w) for f, w in zip(functions, weights)], weights
 
 
-# --- trainer additions -----------------------------------------------------------------------
+class SampleLog:
+    """RLOO's per-sample log, fed by the reward functions (reward_functions(spec, sample_log)):
+    one JSON line per sampled completion and step in `path`, {"step", "group", "id", "reward" (the
+    weighted total), "rewards" (each function's unweighted value), "baseline" (the mean of the
+    other k - 1 totals of its group: RLOO's leave-one-out baseline), "loo_advantage" (reward -
+    baseline: RLOOTrainer's advantage when beta is 0 and normalize_advantages is off)}.
 
-class LeaveOneOutSampleLog:
-    """RLOOTrainer mixin: appends each training generation batch, one JSON line per sample, to
-    `samples_path`: its total reward, the components, the leave-one-out baseline (the mean of
-    the other num_generations - 1 totals of its prompt) and TRL's advantage.
-
-    RLOOTrainer's own baseline uses the reward minus beta x the sample's KL to the reference,
-    so with beta = 0 and normalize_advantages off, advantage == reward - baseline exactly;
-    otherwise the advantage also carries the KL term's own leave-one-out difference.
+    TRL calls the reward functions one after the other on each generation batch of this process,
+    in which a prompt's k completions are adjacent; once the last function reported, the batch is
+    written. A resumed run first drops the lines of the steps it redoes.
     """
 
-    samples_path: Path | None = None
-    _started = False  # set at the first batch this process records
+    def __init__(self, path, group_size: int):
+        self.path, self.group_size = Path(path), group_size
+        self.n_functions, self.pending = 0, {}
+        self._started = False
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        if self.model.training and self.samples_path is not None:
-            self._record_samples(inputs)
-        return output
+    def expect(self, n_functions: int) -> None:
+        self.n_functions = n_functions
 
-    def _record_samples(self, inputs) -> None:
-        from accelerate.utils import gather_object
-
-        ids = gather_object([str(example.get("id")) for example in inputs])  # every process joins
-        if not self.accelerator.is_main_process:
+    def add(self, state, name: str, weight: float, ids, values) -> None:
+        if not state.is_world_process_zero:
             return
-        n = len(ids)  # TRL's _logs hold the latest gathered generation batch (at most this many)
-        components = {name: list(self._logs["rewards"][name])[-n:] for name in self.reward_func_names}
-        weights = dict(zip(self.reward_func_names, self.reward_weights.tolist()))
-        totals = [sum(weights[name] * values[i] for name, values in components.items()) for i in range(n)]
-        baselines = leave_one_out_baselines(totals, self.num_generations)
-        advantages = list(self._logs["advantages"])[-n:]
-        step = self.state.global_step + 1  # the optimizer step that trains on these samples
-        rows = [{"step": step, "group": i // self.num_generations, "id": ids[i], "reward": totals[i],
-                 "baseline": baselines[i], "advantage": advantages[i],
-                 "rewards": {name: values[i] for name, values in components.items()}} for i in range(n)]
-        path = self.samples_path
-        if not self._started and path.is_file():  # resumed: drop the steps the interrupted run did after
-            runs.atomic_write_jsonl(path, [r for r in runs.read_jsonl(path) if r["step"] < step])
+        self.pending[name] = (weight, list(values))
+        if len(self.pending) == self.n_functions:
+            self._write(state.global_step + 1, [str(i) for i in ids])  # the step these samples train
+            self.pending = {}
+
+    def _write(self, step: int, ids: list[str]) -> None:
+        n = len(ids)
+        totals = [sum(weight * values[i] for weight, values in self.pending.values()) for i in range(n)]
+        baselines = leave_one_out_baselines(totals, self.group_size) if n % self.group_size == 0 else [None] * n
+        rows = [{"step": step, "group": i // self.group_size, "id": ids[i], "reward": totals[i],
+                 "baseline": baselines[i], "loo_advantage": None if baselines[i] is None else totals[i] - baselines[i],
+                 "rewards": {name: values[i] for name, (_, values) in self.pending.items()}} for i in range(n)]
+        if not self._started and self.path.is_file():  # resumed: drop the steps the interrupted run did after
+            runs.atomic_write_jsonl(self.path, [r for r in runs.read_jsonl(self.path) if r["step"] < step])
         self._started = True
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as handle:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-# --- command line and config -----------------------------------------------------------------
+# --- command line ------------------------------------------------------------------------------
 
-# --quick_test: a smoke run (explicit flags still win); 48 new tokens hold the sample's p95 answer (54 tokens),
-# shorter budgets cut every JSON answer and leave a constant reward
-QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
-              "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4,
-              "generation.max_new_tokens": 48, "validation.max_new_tokens": 48, "validation.num_samples": 4,
-              "validation.eval_steps": 2}
-QUICK_TEST_TRAIN_PROMPTS = 8
-
-
-def parse_args(description: str, method: str, argv=None):
-    """The RL scripts' command line: the common flags, the algorithm config, and the inputs."""
+def argument_parser(description: str, method: str, quick_test: dict, quick_help: str):
+    """The command line every RL script shares (05, 06, 07, 09): the common flags with the
+    method's algorithm config, the start policy, the data, the reward spec, --quick_test, --resume.
+    `quick_test` is the script's {section.key: value} smoke settings (explicit flags win)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     config_lib.add_common_args(parser, algo=method)
     parser.add_argument("--policy_ckpt", default=None,
-                        help="the SFT start: an SFT run folder (uses its ckpt_sft/best) or a checkpoint "
-                             "folder (default: outputs/<run_id>/03_sft)")
+                        help="the start policy: a run folder (its SFT policy, 03_sft/ckpt_sft/best), a module "
+                             "folder (03_sft: its ckpt_sft/best), a ckpt_* folder (its best/), a checkpoint "
+                             "folder, or a base model (config name or hub id) (default: outputs/<run_id>)")
     parser.add_argument("--train_jsonl", default=None, help="prompts (default: <paths.data_dir>/train.jsonl)")
     parser.add_argument("--val_jsonl", default=None, help="validation (default: <paths.data_dir>/val.jsonl)")
     parser.add_argument("--reward_spec", default=None,
                         help="reward_spec.yaml (default: outputs/<run_id>/02_rewards/reward_spec.yaml if "
                              "present, else the built-in defaults)")
     parser.add_argument("--quick_test", action="store_true",
-                        help=f"smoke run: {QUICK_TEST_TRAIN_PROMPTS} train prompts, 4 val examples, 2 steps of "
-                             f"2 prompts x 2 generations, {QUICK_TEST['generation.max_new_tokens']} new tokens")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last trainer checkpoint (trainer/checkpoint-N) in the output folder")
-    return parser.parse_known_args(argv)
+                        help=f"smoke run: {quick_help} (" + ", ".join(f"{k} {v}" for k, v in quick_test.items())
+                             + "; explicit flags win)")
+    parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                        help="continue an interrupted run: from the newest resumable checkpoint in the output "
+                             "folder, or the one given (optimizer, scheduler, RNG, log and best so far)")
+    return parser
 
 
-def resolve_config(args, extra_tokens=()) -> dict:
-    """Model YAML < algorithm YAML < --quick_test values < command line."""
-    set_by_shortcut = {config_lib.SHORTCUTS[name] for name in config_lib.SHORTCUTS
-                       if getattr(args, name, None) is not None}
-    quick = [token for key, value in QUICK_TEST.items() if key not in set_by_shortcut
-             for token in (f"--{key}", str(value))] if args.quick_test else []
-    return config_lib.from_args(args, [*quick, *extra_tokens])
+def start_checkpoint(args, cfg: dict) -> str:
+    """The start policy: --policy_ckpt in any of utils.modeling.resolve_checkpoint's forms, else the
+    run's SFT policy (outputs/<run_id>/03_sft/ckpt_sft/best)."""
+    return modeling.resolve_checkpoint(args.policy_ckpt or Path(cfg["paths"]["output_root"]) / args.run_id)
 
 
-def prepare_folder(folder: Path, method: str, resume: bool) -> str | None:
-    """The trainer checkpoint to resume from; a fresh run clears the previous run's outputs."""
-    if resume:
-        last = training.last_trainer_checkpoint(folder / "trainer")
-        if last is None:
-            raise FileNotFoundError(f"--resume: no trainer checkpoint (checkpoint-N) in {folder / 'trainer'}; "
-                                    f"run without --resume to start training")
-        print(f"resuming from {last}")
-        return last
-    for name in ("trainer", f"ckpt_{method}", "logs", "val_generations"):
-        if (folder / name).exists():
-            print(f"fresh run: removing the previous {folder / name} (use --resume to continue it)")
-            shutil.rmtree(folder / name)
-    return None
+def prepare_run_folder(folder: Path, method: str, resume: str | None, last_checkpoint=None) -> str | None:
+    """training.prepare_folder for an RL run, decided on the main process (a fresh run clears the
+    method's checkpoints, logs and validation generations) and shared with every process.
+    Returns the checkpoint --resume continues from, or None."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # cpu=True without a GPU: under `accelerate launch` the processes then join over gloo (as the
+    # trainer's use_cpu does); without it each would believe it is the only, main, process
+    state = PartialState(cpu=not torch.cuda.is_available())
+    found = [training.prepare_folder(folder, (f"ckpt_{method}", "logs", "val_generations"), resume, last_checkpoint)
+             if state.is_main_process else None]
+    return broadcast_object_list(found)[0]
+
+
+def output_folder(args, cfg: dict, module: str) -> Path:
+    """--output_dir (= --paths.output_dir), else outputs/<run_id>/<module>: one rule in every script."""
+    return runs.module_dir(args.run_id, module, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
 
 
 def trainer_arguments(cfg: dict, folder: Path, reward_weights: list[float]) -> dict:
@@ -288,9 +289,42 @@ def trainer_arguments(cfg: dict, folder: Path, reward_weights: list[float]) -> d
     )
 
 
+def trainer_callbacks(cfg: dict, folder: Path, method: str, tokenizer, val_rows: list[dict], spec,
+                      resumed: bool, extra=()):
+    """The callbacks of every TRL-based RL trainer (06, 07, 09), in the order they must run: the NaN
+    guard, greedy validation on its own schedule, checkpoints (best by its results), `extra` (DPO's
+    SequenceKL), and the log last (utils.training explains the order).
+    Returns (callbacks, validation, checkpoints, log)."""
+    ckpt_dir = folder / f"ckpt_{method}"
+    validation = training.ValidationCallback(
+        val_rows, tokenizer, folder / "val_generations", spec=spec, every=cfg["validation"]["eval_steps"],
+        max_new_tokens=cfg["validation"]["max_new_tokens"], batch_size=cfg["validation"]["batch_size"],
+        samples_format="jsonl")
+    checkpoints = training.CheckpointCallback(ckpt_dir, tokenizer, cfg, validation=validation, resume=resumed,
+                                              save_total_limit=cfg["training"]["save_total_limit"])
+    log = training.JsonLogCallback(folder / "logs" / "training_log.json", cfg["training"]["report_to"])
+    callbacks = [training.NonFiniteGuard(ckpt_dir, folder / "trainer"), validation, checkpoints, *extra, log]
+    return callbacks, validation, checkpoints, log
+
+
+def parse_args(description: str, method: str, argv=None):
+    """The command line of the TRL online trainers (06 GRPO, 07 RLOO), with their --quick_test."""
+    quick = f"{QUICK_TEST_TRAIN_PROMPTS} train prompts, 2 steps of 2 prompts x 2 generations"
+    return argument_parser(description, method, QUICK_TEST, quick).parse_known_args(argv)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
-def run(module: str, cfg: dict, args, build_trainer) -> dict:
+# --quick_test of 06 and 07: 48 new tokens hold the sample's p95 answer (54 tokens), shorter budgets
+# cut every JSON answer and leave a constant reward
+QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
+              "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4,
+              "generation.max_new_tokens": 48, "validation.max_new_tokens": 48, "validation.num_samples": 4,
+              "validation.eval_steps": 2}
+QUICK_TEST_TRAIN_PROMPTS = 8
+
+
+def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | None = None) -> dict:
     """One GRPO/RLOO run: data, policy, callbacks, training, checkpoints, manifest.
 
     build_trainer(cfg, trainer_args, inputs, folder) returns the algorithm's TRL trainer, built
@@ -299,11 +333,9 @@ def run(module: str, cfg: dict, args, build_trainer) -> dict:
     """
     method = cfg["algorithm"]["name"]
     print(config_lib.dump(cfg))
-    folder = runs.module_dir(args.run_id, module, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
+    folder = output_folder(args, cfg, module)
     ckpt_dir, log_path = folder / f"ckpt_{method}", folder / "logs" / "training_log.json"
-    resume_from = prepare_folder(folder, method, args.resume)
-    if cfg["training"]["report_to"] == "tensorboard":  # beside the JSON log, as 05 PPO writes it
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(folder / "logs"))
+    resume_from = prepare_run_folder(folder, method, args.resume)
     runs.seed_everything(cfg["training"]["seed"])
     data_dir = Path(cfg["paths"]["data_dir"])
     train_path = Path(args.train_jsonl or data_dir / "train.jsonl")
@@ -312,7 +344,7 @@ def run(module: str, cfg: dict, args, build_trainer) -> dict:
     with runs.Manifest(folder, module, args, cfg) as manifest:
         # --- data ---
         train = load_prompts(train_path, QUICK_TEST_TRAIN_PROMPTS if args.quick_test else None)
-        val_rows = runs.read_jsonl(val_path)[:cfg["validation"]["num_samples"]]
+        val_rows = read_split(val_path, "--val_jsonl")[:cfg["validation"]["num_samples"]]
         spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)
         for name, path in (("train", train_path), ("val", val_path), ("reward_spec", spec_path)):
             if path is not None:
@@ -321,23 +353,19 @@ def run(module: str, cfg: dict, args, build_trainer) -> dict:
               f"reward spec: {spec_path or 'built-in defaults'}")
 
         # --- policy ---
-        ckpt = resolve_policy_ckpt(args.policy_ckpt or Path(cfg["paths"]["output_root"]) / args.run_id / "03_sft")
-        manifest.add_input("policy_ckpt", ckpt)
+        ckpt = start_checkpoint(args, cfg)
+        if Path(ckpt).is_dir():
+            manifest.add_input("policy_ckpt", ckpt)
         model, tokenizer, policy = load_policy(ckpt, cfg)
         precision = training.mixed_precision(cfg)
         print(f"policy: {ckpt} on {policy['base_model']} ({policy['dtype']} base, fp32 LoRA; {precision['note']})")
 
         # --- train ---
-        functions, weights = reward_functions(spec)
-        validation = training.ValidationCallback(
-            val_rows, tokenizer, folder / "val_generations", spec=spec, every=cfg["validation"]["eval_steps"],
-            max_new_tokens=cfg["validation"]["max_new_tokens"], batch_size=cfg["validation"]["batch_size"],
-            samples_format="jsonl")
-        checkpoints = training.CheckpointCallback(ckpt_dir, tokenizer, cfg, validation=validation, resume=args.resume,
-                                                  save_total_limit=cfg["training"]["save_total_limit"])
-        log = training.JsonLogCallback(log_path)
+        functions, weights = reward_functions(spec, sample_log)
+        callbacks, validation, checkpoints, log = trainer_callbacks(cfg, folder, method, tokenizer, val_rows, spec,
+                                                                    resumed=resume_from is not None)
         inputs = dict(model=model, reward_funcs=functions, train_dataset=train, processing_class=tokenizer,
-                      callbacks=[training.NonFiniteGuard(ckpt_dir, folder / "trainer"), validation, checkpoints, log])
+                      callbacks=callbacks)
         trainer = build_trainer(cfg, trainer_arguments(cfg, folder, weights), inputs, folder)
         output = trainer.train(resume_from_checkpoint=resume_from)
 

@@ -29,6 +29,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from utils.cli import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate")
@@ -43,7 +45,7 @@ def timestamp() -> str:
 def validate_run_id(run_id: str) -> str:
     """Return run_id, or raise ValueError if it cannot safely name a folder."""
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
-        raise ValueError(f"--run_id {run_id!r}: use only letters, digits, '_' and '-' "
+        raise UsageError(f"--run_id {run_id!r}: use only letters, digits, '_' and '-' "
                          f"(it names the folder outputs/<run_id>/), e.g. run_001")
     return run_id
 
@@ -110,8 +112,10 @@ def read_json(path: str | Path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        line = f"line {err.lineno}: " if isinstance(err, json.JSONDecodeError) else ""
+        raise UsageError(f"{path}: {line}invalid JSON ({getattr(err, 'msg', err)}); the file may be truncated, "
+                         f"rerun the script that writes it") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -127,8 +131,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg}); "
+                raise UsageError(f"{path}: line {lineno}: invalid JSON ({err.msg}); "
                                  f"the file may be truncated, rerun the script that writes it") from None
+            if not isinstance(rows[-1], dict):
+                raise UsageError(f"{path}: line {lineno}: expected a JSON object, got {type(rows[-1]).__name__}; "
+                                 f"rerun the script that writes it")
     return rows
 
 
@@ -220,7 +227,8 @@ class Manifest:
     """manifest.json of one module run; a context manager (see the module docstring)."""
 
     def __init__(self, folder: str | Path, module: str, args=None, config: dict | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, main_process: bool = True):
+        self.main_process = main_process  # other processes of a multi-process run record nothing
         self.folder = Path(folder)
         self.path = self.folder / "manifest.json"
         self.module = module
@@ -241,6 +249,8 @@ class Manifest:
         """Record an input file or folder with its sha256; returns the digest."""
         if not Path(path).exists():
             raise FileNotFoundError(f"input {name!r}: {path} does not exist")
+        if not self.main_process:
+            return ""
         digest = sha256_path(path)
         self.inputs[name] = {"path": str(path), "sha256": digest}
         return digest
@@ -272,7 +282,7 @@ class Manifest:
 
     def write(self) -> Path:
         """Write manifest.json now (e.g. to record metrics mid-run)."""
-        return atomic_write_json(self.path, self.to_dict())
+        return atomic_write_json(self.path, self.to_dict()) if self.main_process else self.path
 
     def __enter__(self) -> "Manifest":
         self.started_at, self._t0 = timestamp(), time.monotonic()

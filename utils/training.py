@@ -110,7 +110,9 @@ def training_arguments(cfg: dict, output_dir, eval_steps: int | None = None) -> 
         save_steps=train["save_steps"],
         save_total_limit=train["save_total_limit"],
         seed=train["seed"],
-        report_to=[] if train["report_to"] in ("none", "") else [train["report_to"]],
+        # TensorBoard events come from JsonLogCallback's TrainingLog, the writer every trainer (PPO too)
+        # shares; other integrations (wandb...) go through transformers
+        report_to=[] if train["report_to"] in ("none", "", "tensorboard") else [train["report_to"]],
         bf16=precision["bf16"],
         fp16=precision["fp16"],
         use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 without a GPU unless told
@@ -129,6 +131,32 @@ def resolve_reward_spec(path: str | None, cfg: dict, run_id: str) -> tuple[Rewar
             return RewardSpec(), None
         path = default
     return load_spec(path), Path(path)
+
+
+def prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint=None) -> str | None:
+    """The checkpoint --resume continues from; a fresh run clears the previous run's outputs.
+
+    Args:
+        folder: the module folder.
+        outputs: names in it that a fresh run removes (with "trainer", the trainer's checkpoints).
+        resume: None (a fresh run), "last" (the newest resumable checkpoint) or a checkpoint path.
+        last_checkpoint: folder -> the newest resumable checkpoint or None (default: the
+            trainer's newest trainer/checkpoint-N).
+    """
+    folder = Path(folder)
+    if resume is not None:
+        find = last_checkpoint or (lambda f: last_trainer_checkpoint(f / "trainer"))
+        found = find(folder) if resume == "last" else (resume if Path(resume).is_dir() else None)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no resumable checkpoint {'in ' + str(folder) if resume == 'last' else resume}"
+                                    f"; run without --resume to start training")
+        print(f"resuming from {found}")
+        return str(found)
+    for name in ("trainer", *outputs):
+        if (folder / name).exists():
+            print(f"fresh run: removing the previous {folder / name} (use --resume to continue it)")
+            shutil.rmtree(folder / name)
+    return None
 
 
 # --- checkpoints ---
@@ -197,7 +225,13 @@ def last_trainer_checkpoint(trainer_dir) -> str | None:
     return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
 
 
-def _rank(metrics: dict) -> tuple:
+def prune_step_folders(ckpt_dir, keep: int | None) -> None:
+    """Keep the newest `keep` step_N folders (None or 0: all)."""
+    for _, old in step_folders(ckpt_dir)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rank(metrics: dict) -> tuple:
     """Higher is better: val exec_acc, ties broken by reward_mean; without generation metrics
     (--skip_validation) the lowest val loss."""
     if metrics.get("exec_acc") is not None:
@@ -234,7 +268,7 @@ class CheckpointCallback(TrainerCallback):
         return latest if latest and latest["step"] == step else None
 
     def _consider(self, model, step: int, metrics: dict) -> None:
-        if self.best is None or _rank(metrics) > _rank(self.best["metrics"]):
+        if self.best is None or rank(metrics) > rank(self.best["metrics"]):
             path = save_policy(model, self.tokenizer, self.cfg, self.ckpt_dir / "best",
                                {"step": step, "metrics": metrics})
             self.best = {"step": step, "metrics": metrics, "path": str(path)}
@@ -259,9 +293,7 @@ class CheckpointCallback(TrainerCallback):
             return
         save_policy(model, self.tokenizer, self.cfg, self.ckpt_dir / f"step_{state.global_step}",
                     self._info(state.global_step))
-        if self.save_total_limit:
-            for _, old in step_folders(self.ckpt_dir)[:-self.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_step_folders(self.ckpt_dir, self.save_total_limit)
 
     def save_final(self, model, step: int) -> Path:
         """ckpt_dir/final (and best too, when no validation ever chose one)."""
@@ -375,18 +407,58 @@ def _finite_or_none(value):
     return value
 
 
+class TrainingLog:
+    """The one training-log writer of every trainer (SFT, PPO, GRPO, RLOO, DPO): logs/training_log.json
+    ({"log_history": [...]}, NaN/inf as null, rewritten atomically) and, with report_to tensorboard,
+    TensorBoard events beside it (`tensorboard --logdir outputs/<run_id>`), one scalar per
+    numeric key of each entry at its step.
+
+    Args:
+        path: the JSON file (its folder receives the event files).
+        report_to: the config's training.report_to; "tensorboard" writes events.
+        logged: entries of the history already in the event files (a resumed run's restored
+            history), so they are not written twice.
+    """
+
+    def __init__(self, path, report_to: str = "none", logged: int = 0):
+        self.path = Path(path)
+        self.logged = logged
+        self.events = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise config_lib.ConfigError("training.report_to tensorboard needs the tensorboard package: "
+                                             "pip install -r requirements.txt (or --training.report_to none)") from error
+            self.events = SummaryWriter(str(self.path.parent))
+
+    def write(self, history: list[dict]) -> None:
+        history = [{k: _finite_or_none(v) for k, v in entry.items()} for entry in history]
+        runs.atomic_write_json(self.path, {"log_history": history})
+        if self.events is not None:
+            for entry in history[self.logged:]:
+                for name, value in entry.items():
+                    if name not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.events.add_scalar(name, value, entry.get("step", 0))
+            self.events.flush()
+        self.logged = len(history)
+
+
 class JsonLogCallback(TrainerCallback):
-    """Write the trainer's log history to a JSON file after every log event (atomically), with
+    """Write the trainer's log history through TrainingLog after every log event, with
     `train/tokens_per_s` added to each training log: tokens (TRL's cumulative `num_tokens`)
     over the time spent in optimizer steps since the previous log (validation, evaluation and
     saving excluded). The file is {"log_history": [{"step", "loss", "grad_norm",
     "learning_rate", "epoch", "num_tokens", ..., "train/tokens_per_s"}, {"step", "eval_loss",
     "val/exec_acc", ...}]}; on resume the trainer restores the history up to its checkpoint.
-    Also forces a log at the last step, so the curve ends where training does.
+    Also forces a log at the last step, so the curve ends where training does. List it last:
+    it writes what the callbacks before it added.
     """
 
-    def __init__(self, path, tokens_key: str = "num_tokens"):
+    def __init__(self, path, report_to: str = "none", tokens_key: str = "num_tokens"):
         self.path = Path(path)
+        self.report_to = report_to
+        self.log: TrainingLog | None = None  # opened at train begin, when a resumed history is known
         self.tokens_key = tokens_key
         self.tokens = 0                # tokens trained in this process (TRL counts per process)
         self.train_time_s = 0.0        # time in optimizer steps in this process
@@ -394,13 +466,18 @@ class JsonLogCallback(TrainerCallback):
         self._step_started = None
         self._written = -1
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.log is None:
+            self.log = TrainingLog(self.path, self.report_to, logged=len(state.log_history))
+
     @property
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.train_time_s if self.train_time_s > 0 and self.tokens else None
 
     def write(self, state) -> None:
-        history = [{k: _finite_or_none(v) for k, v in entry.items()} for entry in state.log_history]
-        runs.atomic_write_json(self.path, {"log_history": history})
+        if self.log is None:
+            self.log = TrainingLog(self.path, self.report_to, logged=len(state.log_history))
+        self.log.write(state.log_history)
         self._written = len(state.log_history)
 
     def _write_if_changed(self, state) -> None:

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from utils.generation import count_tokens, generate  # noqa: E402
-from utils.modeling import build_tiny_model, load_model, load_tokenizer  # noqa: E402
+from tests.fixtures.tiny_model import build_tiny_model  # noqa: E402
+from utils.modeling import load_model, load_tokenizer  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_DATA = ROOT / "datasets" / "finqa_processed" / "val.jsonl"

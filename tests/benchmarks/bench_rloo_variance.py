@@ -25,8 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from utils import rl  # noqa: E402
+from utils.modeling import resolve_checkpoint  # noqa: E402
 from utils.generation import generate  # noqa: E402
-from utils.modeling import build_tiny_model  # noqa: E402
+from tests.fixtures.tiny_model import build_tiny_model  # noqa: E402
 from utils.rewards import RewardSpec, load_spec, score  # noqa: E402
 from utils.runs import read_jsonl  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(argv=None):
     if args.tiny:
         ckpt = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     else:
-        ckpt = rl.resolve_policy_ckpt(args.policy_ckpt) if args.policy_ckpt else DEFAULT_MODEL
+        ckpt = resolve_checkpoint(args.policy_ckpt) if args.policy_ckpt else DEFAULT_MODEL
     model, tokenizer, _ = rl.load_policy(ckpt, cfg)
     spec = load_spec(args.reward_spec) if args.reward_spec else RewardSpec()
     examples = read_jsonl(args.data)[:args.num_prompts]
