@@ -95,7 +95,7 @@ def main(args, extra_tokens=()) -> dict:
 
             # --- model ---
             ckpt = rl.start_checkpoint(args, cfg)
-            policy, tokenizer, info = rl.load_policy(ckpt, cfg)
+            policy, tokenizer, start = rl.load_policy(ckpt, cfg)
             model = build_policy(policy, cfg, resume_dir=resume_dir)
             trainer = PPOTrainer(cfg, model, tokenizer, spec, accelerator)
             start_step, best = 0, None
@@ -113,13 +113,13 @@ def main(args, extra_tokens=()) -> dict:
                                ("reward_spec", spec_path), ("resume", resume_dir)):
                 if path is not None and Path(path).exists():
                     manifest.add_input(name, path)
-            manifest.metrics.update(dtype=info["dtype"], base_model=info["base_model"], policy_ckpt=str(ckpt),
+            manifest.metrics.update(dtype=start["dtype"], base_model=start["base_model"], policy_ckpt=str(ckpt),
                                     num_processes=accelerator.num_processes, resumed_from_step=start_step)
             manifest.write()
             if is_main:
                 print(f"PPO: {len(train)} train prompts, {len(val)} val, steps {start_step + 1}..{hp.max_steps}, "
                       f"{hp.rollout_batch_size} prompts/step over {accelerator.num_processes} process(es), "
-                      f"{info['dtype']} base, fp32 LoRA, policy {ckpt}", flush=True)
+                      f"{start['dtype']} base, fp32 LoRA, policy {ckpt}", flush=True)
 
             # --- train ---
             step_times, token_rates, val_metrics = [], [], {}

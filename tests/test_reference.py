@@ -19,7 +19,8 @@ ATTENTION = (IDS != 0).long()
 
 
 def token_logprobs(model) -> torch.Tensor:
-    """log p(token_t | tokens_<t) of the fixed batch, [2, 9], padding zeroed."""
+    """log p(token_t | tokens_<t) of the fixed batch, [2, 9], padding zeroed (eval mode: no LoRA dropout)."""
+    model.eval()
     with torch.no_grad():
         logits = model(input_ids=IDS, attention_mask=ATTENTION,
                        position_ids=(ATTENTION.cumsum(-1) - 1).clamp(min=0)).logits[:, :-1].float()

