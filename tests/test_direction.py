@@ -60,7 +60,7 @@ def reference_weights(model) -> dict:
 
 def check_direction(sign: int, before: float, after: float, ref_before: dict, model) -> None:
     moved = after - before
-    assert moved * sign > 0.005, f"rewarded mass {before:.3f} -> {after:.3f} with reward sign {sign:+d}"
+    assert moved * sign > 0.01, f"rewarded mass {before:.3f} -> {after:.3f} with reward sign {sign:+d}"
     for name, weight in reference_weights(model).items():
         assert torch.equal(weight, ref_before[name]), f"the reference moved: {name}"
 
@@ -83,7 +83,7 @@ def test_trl_online_method_moves_toward_its_reward(method, sign, target, ppo_inp
     start_ref = token_logprobs(model)
     before = rewarded_mass(model, tokenizer, target[1])
     Config, Trainer = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[method]
-    args = Config(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=8, learning_rate=1e-1,
+    args = Config(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=16, learning_rate=1e-1,
                   per_device_train_batch_size=8, num_generations=4, max_completion_length=1, beta=0.01,
                   temperature=1.0, logging_steps=1, save_strategy="no", seed=0, disable_dropout=True,
                   bf16=False)  # float32 throughout: no autocast around the model after training
@@ -110,7 +110,7 @@ def test_ppo_moves_toward_its_reward(sign, target, ppo_inputs, monkeypatch):  # 
     cfg["algorithm"].update(rollout_batch_size=16, ppo_epochs=4, num_mini_batches=2, kl_coef=0.01,
                             adaptive_kl=False, normalize_rewards=False, whiten_rewards=False, temperature=1.0,
                             top_p=1.0)
-    cfg["training"].update(learning_rate=1e-1, max_steps=8, warmup_ratio=0.0, per_device_train_batch_size=8)
+    cfg["training"].update(learning_rate=3e-2, max_steps=8, warmup_ratio=0.0, per_device_train_batch_size=8)
     cfg["generation"].update(max_new_tokens=1, batch_size=16)
     # the test's reward instead of the FinQA score (PPO reads only these fields of a RewardResult)
     monkeypatch.setattr(ppo, "score", lambda text, example, spec: SimpleNamespace(
