@@ -63,3 +63,13 @@ def test_misspelled_config_key(script, tmp_path):
 @pytest.mark.parametrize("script, args, named", MISSING_INPUT, ids=SCRIPTS)
 def test_missing_input(script, args, named, tmp_path):
     assert_one_error_line(run(script, *args, tmp_path=tmp_path), named)
+
+
+@pytest.mark.slow
+def test_processed_file_without_the_reward_columns(tmp_path):
+    """An input that exists but is not a processed split (no table, exe_ans...) is a usage error too."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"id": "a", "prompt": [{"role": "user", "content": "q"}]}\n')
+    done = run("06_train_grpo.py", "--train_jsonl", str(train), tmp_path=tmp_path)
+    assert_one_error_line(done, str(train))
+    assert "missing columns" in done.stderr and "01_prepare_dataset.py" in done.stderr

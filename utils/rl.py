@@ -28,6 +28,7 @@ from typing import Sequence
 
 from utils import config as config_lib
 from utils import modeling, runs, training
+from utils.cli import UsageError
 from utils.rewards import trl_reward_functions
 
 
@@ -117,6 +118,15 @@ def add_reference_adapter(model) -> None:
 REWARD_COLUMNS = ("id", "table", "exe_ans", "target_program", "target_answer")
 
 
+def require_split(path: str | Path, flag: str) -> Path:
+    """The path of a processed split; a missing file names the flag and how to make it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py first (or pass {flag} FILE, "
+                                f"or --paths.data_dir FOLDER with train.jsonl and val.jsonl)")
+    return path
+
+
 def load_prompts(path: str | Path, limit: int | None = None):
     """A processed split as a datasets.Dataset of prompt + REWARD_COLUMNS (the first `limit` rows).
 
@@ -125,24 +135,18 @@ def load_prompts(path: str | Path, limit: int | None = None):
     """
     import datasets
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py (or pass "
-                                f"--paths.data_dir to a folder with train.jsonl and val.jsonl)")
+    path = require_split(path, "--train_jsonl")
     data = datasets.load_dataset("json", data_files=str(path), split="train")
     missing = [c for c in ("prompt", *REWARD_COLUMNS) if c not in data.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; rerun python 01_prepare_dataset.py")
+        raise UsageError(f"{path}: missing columns {missing}; rerun python 01_prepare_dataset.py")
     data = data.select_columns(["prompt", *REWARD_COLUMNS])
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
 def read_split(path: Path, flag: str) -> list[dict]:
-    """A processed split's examples; a missing file names the flag and how to make it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py first (or pass {flag} FILE, "
-                                f"or --paths.data_dir FOLDER with train.jsonl and val.jsonl)")
-    return runs.read_jsonl(path)
+    """A processed split's examples (require_split's error when it is missing)."""
+    return runs.read_jsonl(require_split(path, flag))
 
 
 def reward_functions(spec, sample_log: "SampleLog | None" = None):
