@@ -5,6 +5,13 @@
     python 10_evaluate.py --policy_ckpt outputs/run_001/06_grpo/ckpt_grpo/final --split val
     python 10_evaluate.py --predictions my_preds.json --policy_name finqanet   # score outside predictions
     python 10_evaluate.py --quick_test                           # 16 examples, a smoke run
+    python 10_evaluate.py --policy_ckpt outputs/run_001/03_sft --num_samples 4 --temperature 0.8 --top_p 1.0
+
+Greedy decoding is the default. --num_samples K adds K sampled completions per prompt (beside the greedy
+one): metrics.json gains sampled_<metric> = the mean over prompts of each prompt's mean over its K samples
+(the expected score of one sample, what RL optimizes), with bootstrap CIs over prompts, and
+sampled_exec_pass_at_k; breakdown.csv gains each prompt's sampled means. On 100 prompts the sampled
+means' CIs are much narrower than greedy's 0/1 outcomes give.
 
 --policy_ckpt: a checkpoint folder (LoRA adapter or full model), or a ckpt_<method> or module folder
 (03_sft, 06_grpo) whose ckpt_*/best is used. --predictions scores completions made elsewhere, with no
@@ -29,7 +36,7 @@ from pathlib import Path
 
 from utils import cli, runs
 from utils import config as config_lib
-from utils.metrics import aggregate, failure_counts, format_table, score_official
+from utils.metrics import aggregate, aggregate_samples, failure_counts, format_table, score_official
 from utils.rewards import COMPONENTS, RewardSpec, load_spec, score, spec_to_yaml
 
 MODULE = "10_evaluation"
@@ -57,6 +64,10 @@ def parse_args(argv=None):
     add("--quick_test", action="store_true", help=f"only the first {QUICK_TEST_EXAMPLES} examples")
     add("--predictions", help="score this predictions file instead of generating (see above)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples for the *_ci95 (0 = none)")
+    add("--num_samples", type=int, default=0,
+        help="also sample K completions per prompt and report their means and pass@K (default: 0, greedy only)")
+    add("--temperature", type=float, help="sampling temperature (default: the config's generation.temperature)")
+    add("--top_p", type=float, help="nucleus sampling (default: the config's generation.top_p)")
     return parser.parse_known_args(argv)
 
 
@@ -139,7 +150,8 @@ def score_predictions(examples, all_examples, predictions, spec, path):
 
 
 def generate_completions(cfg, checkpoint, examples, args, seed):
-    """(completions, num_tokens, wall_time_s, dtype, device) from greedy decoding."""
+    """(greedy outputs, sampled outputs or None, wall_time_s, dtype, device): utils.generation.generate's
+    {"completions", "num_tokens"} per example, greedy, then args.num_samples sampled ones."""
     from utils.generation import generate
     from utils.modeling import load_model, load_tokenizer
 
@@ -150,31 +162,44 @@ def generate_completions(cfg, checkpoint, examples, args, seed):
     tokenizer = load_tokenizer(reference)
     runs.seed_everything(seed)
     started = time.perf_counter()
+    prompts, name = [e["prompt"] for e in examples], str(checkpoint) if checkpoint else cfg["model"]["name_or_path"]
     try:
-        outputs = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, do_sample=False, seed=seed, desc="evaluating",
-                           checkpoint=str(checkpoint) if checkpoint else cfg["model"]["name_or_path"])
+        greedy = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          do_sample=False, seed=seed, desc="evaluating", checkpoint=name)
+        sampled = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                           num_return_sequences=args.num_samples, seed=seed, desc=f"sampling {args.num_samples}",
+                           checkpoint=name) if args.num_samples else None
     except ValueError as error:  # a prompt longer than the context allows
         raise cli.UsageError(str(error)) from None
     wall, weight = time.perf_counter() - started, next(model.parameters())
-    return ([o["completions"][0] for o in outputs], [o["num_tokens"][0] for o in outputs], wall,
-            str(weight.dtype).replace("torch.", ""), str(weight.device))
+    return greedy, sampled, wall, str(weight.dtype).replace("torch.", ""), str(weight.device)
 
 
-def sample_row(example, completion, num_tokens, result, predicted=None, missing=False) -> dict:
+def sample_row(example, completion, num_tokens, result, predicted=None, missing=False, samples=None) -> dict:
+    """One predictions.jsonl row; `samples`: the prompt's sampled (completion, num_tokens, result)s."""
     return {"id": example.get("id"), "question": example.get("question"), "completion": completion,
             "num_tokens": num_tokens, "reward": result.total,
             "reward_components": {c: getattr(result, c) for c in COMPONENTS}, "category": result.category,
             **({"predicted": predicted} if predicted is not None else {}),
-            **({"missing_prediction": True} if missing else {})}
+            **({"missing_prediction": True} if missing else {}),
+            **({"samples": [{"completion": t, "num_tokens": n, "reward": r.total, "category": r.category}
+                            for t, n, r in samples]} if samples is not None else {})}
 
 
-def breakdown_csv(examples, results) -> str:
-    """One row per example: what was predicted, what it executed to, the gold, each fact."""
+SAMPLED_COLUMNS = {"sampled_exec_acc": lambda r: r.exec_correct, "sampled_format_rate": lambda r: r.format_valid,
+                   "sampled_reward_mean": lambda r: r.total}
+
+
+def breakdown_csv(examples, results, sampled_results=None) -> str:
+    """One row per example: what was predicted, what it executed to, the gold, each fact; with
+    sampled results, the example's mean over its samples of exec_acc, format_rate and reward
+    (empty columns without)."""
     rows = [{"id": e.get("id"), "predicted_program": r.predicted_program, "executed_value": r.executed_value,
              "gold_program": e.get("target_program"), "exe_ans": e.get("exe_ans"),
-             **{fact: getattr(r, fact) for fact in FACTS}, "reward": r.total, "category": r.category}
-            for e, r in zip(examples, results)]
+             **{fact: getattr(r, fact) for fact in FACTS}, "reward": r.total, "category": r.category,
+             **{name: sum(map(fact, samples)) / len(samples) if samples else "" for name, fact in SAMPLED_COLUMNS.items()}}
+            for e, r, samples in zip(examples, results, sampled_results or [None] * len(examples))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -194,8 +219,13 @@ def evaluate(args, cfg) -> dict:
     seed, paths = cfg["training"]["seed"], cfg["paths"]
     args.batch_size = args.batch_size or cfg["generation"]["batch_size"]
     args.max_new_tokens = args.max_new_tokens or cfg["generation"]["max_new_tokens"]
+    args.temperature = cfg["generation"]["temperature"] if args.temperature is None else args.temperature
+    args.top_p = cfg["generation"]["top_p"] if args.top_p is None else args.top_p
     if args.max_examples is not None and args.max_examples < 1:
         raise cli.UsageError(f"--max_examples must be at least 1, got {args.max_examples}")
+    if args.num_samples < 0 or (args.num_samples and (args.temperature <= 0 or not 0 < args.top_p <= 1)):
+        raise cli.UsageError(f"--num_samples {args.num_samples} --temperature {args.temperature} --top_p {args.top_p}: "
+                             f"need K >= 0, a temperature > 0 and 0 < top_p <= 1")
     limit = min(args.max_examples or 10**9, QUICK_TEST_EXAMPLES if args.quick_test else 10**9)
 
     # --- inputs ---
@@ -204,6 +234,8 @@ def evaluate(args, cfg) -> dict:
     predictions_path = Path(args.predictions) if args.predictions else None
     if args.policy_ckpt and predictions_path:
         raise cli.UsageError("--policy_ckpt and --predictions exclude each other: predictions need no model")
+    if predictions_path and args.num_samples:
+        raise cli.UsageError("--num_samples samples from a model: it does not apply to --predictions")
     predictions = read_predictions(predictions_path) if predictions_path else None
     if args.policy_ckpt:
         from utils.modeling import resolve_checkpoint  # torch: imported only where a model is used
@@ -228,7 +260,7 @@ def evaluate(args, cfg) -> dict:
                 manifest.add_input(name, path)
         print(f"evaluating {policy_name} on {len(examples)} examples of {data_file}")
         info = dict.fromkeys(("n_predictions", "n_missing_predictions", "dtype", "device"))
-        tokens_generated = wall = None
+        tokens_generated = wall = sampled_results = None
         # --- score ---
         if predictions_path:
             results, rows, matched, missing = score_predictions(examples, all_examples, predictions, spec,
@@ -238,11 +270,16 @@ def evaluate(args, cfg) -> dict:
                 print(f"warning: {missing} of {len(examples)} examples have no prediction and count as wrong "
                       f"({matched} predictions matched)", file=sys.stderr)
         else:
-            completions, num_tokens, wall, info["dtype"], info["device"] = generate_completions(
-                cfg, checkpoint, examples, args, seed)
-            tokens_generated = sum(num_tokens)
-            results = [score(text, example, spec) for text, example in zip(completions, examples)]
-            rows = [sample_row(e, t, n, r) for e, t, n, r in zip(examples, completions, num_tokens, results)]
+            greedy, sampled, wall, info["dtype"], info["device"] = generate_completions(cfg, checkpoint, examples,
+                                                                                       args, seed)
+            results = [score(out["completions"][0], e, spec) for out, e in zip(greedy, examples)]
+            outputs = greedy + (sampled or [])
+            tokens_generated = sum(n for out in outputs for n in out["num_tokens"])
+            if sampled:
+                sampled_results = [[score(t, e, spec) for t in out["completions"]] for out, e in zip(sampled, examples)]
+            rows = [sample_row(e, out["completions"][0], out["num_tokens"][0], r, samples=None if not sampled else
+                               list(zip(sampled[i]["completions"], sampled[i]["num_tokens"], sampled_results[i])))
+                    for i, (e, out, r) in enumerate(zip(examples, greedy, results))]
 
         # --- write ---
         metrics = {"policy_name": policy_name, "mode": "predictions" if predictions_path else "greedy",
@@ -253,10 +290,13 @@ def evaluate(args, cfg) -> dict:
                    "reward_spec_sha256": spec_sha, "seed": seed, "bootstrap_resamples": args.bootstrap,
                    "max_new_tokens": None if predictions_path else args.max_new_tokens, **info,
                    **aggregate(results, tokens_generated, wall, seed=seed, n_resamples=args.bootstrap),
-                   "failure_counts": failure_counts(results)}
+                   "failure_counts": failure_counts(results), "num_samples": args.num_samples,
+                   **({"sample_temperature": args.temperature, "sample_top_p": args.top_p,
+                       **aggregate_samples(sampled_results, seed=seed, n_resamples=args.bootstrap)}
+                      if sampled_results else {})}
         manifest.add_output("metrics", runs.atomic_write_json(folder / "metrics.json", metrics))
         manifest.add_output("breakdown", runs.atomic_write_text(folder / "breakdown.csv",
-                                                                breakdown_csv(examples, results)))
+                                                                breakdown_csv(examples, results, sampled_results)))
         manifest.add_output("predictions", runs.atomic_write_jsonl(folder / "samples" / "predictions.jsonl", rows))
         manifest.metrics.update(metrics)
 

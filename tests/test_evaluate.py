@@ -147,3 +147,46 @@ def test_tiny_model_is_reproducible(tmp_path):
     assert first["checkpoint"].endswith("ckpt_sft/best")
     assert {k: v for k, v in first.items() if k not in TIMING} == {k: v for k, v in second.items() if k not in TIMING}
     assert first_samples == second_samples
+
+
+@pytest.mark.slow
+def test_sampled_evaluation(tmp_path):
+    """--num_samples K: greedy metrics unchanged; sampled_* = the mean over prompts of each prompt's mean
+    over its K samples (recomputed here from predictions.jsonl); breakdown.csv has the per-prompt means."""
+    from tests.fixtures.tiny_model import build_tiny_model
+
+    checkpoint = build_tiny_model(tmp_path / "tiny")
+    common = ("--test_jsonl", DATA, "--policy_ckpt", checkpoint, "--max_examples", 4, "--max_new_tokens", 8,
+              "--seed", 3, "--bootstrap", 50, "--model.dtype", "float32")
+    folders = {}
+    for name, extra in (("greedy", ()), ("sampled", ("--num_samples", 3, "--temperature", 1.5, "--top_p", 1.0))):
+        done = evaluate(*common, "--policy_name", name, *extra, tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+        folders[name] = tmp_path / "outputs" / "run_001" / "10_evaluation" / name
+    greedy, sampled = (json.loads((folders[n] / "metrics.json").read_text()) for n in ("greedy", "sampled"))
+    for key in ("exec_acc", "format_rate", "reward_mean", "exec_acc_ci95", "reward_mean_ci95"):
+        assert sampled[key] == greedy[key], key
+    assert greedy["num_samples"] == 0 and "sampled_reward_mean" not in greedy
+    assert sampled["num_samples"] == 3 and sampled["sample_temperature"] == 1.5
+
+    rows = read_jsonl(folders["sampled"] / "samples" / "predictions.jsonl")
+    assert [len(row["samples"]) for row in rows] == [3] * 4
+    per_prompt = [sum(s["reward"] for s in row["samples"]) / 3 for row in rows]
+    assert sampled["sampled_reward_mean"] == pytest.approx(sum(per_prompt) / 4)
+    correct = [[s["category"] == "correct" for s in row["samples"]] for row in rows]
+    assert sampled["sampled_exec_pass_at_k"] == pytest.approx(sum(map(any, correct)) / 4)
+    low, high = sampled["sampled_reward_mean_ci95"]
+    assert low <= sampled["sampled_reward_mean"] <= high
+    # a random model's samples at temperature 1.5 differ from one another and from greedy
+    assert len({s["completion"] for row in rows for s in row["samples"]}) > 4
+    with open(folders["sampled"] / "breakdown.csv", newline="") as handle:
+        breakdown = list(csv.DictReader(handle))
+    assert [float(r["sampled_reward_mean"]) for r in breakdown] == pytest.approx(per_prompt)
+    with open(folders["greedy"] / "breakdown.csv", newline="") as handle:
+        assert {r["sampled_reward_mean"] for r in csv.DictReader(handle)} == {""}
+
+
+def test_num_samples_needs_a_model(tmp_path):
+    done = evaluate("--test_jsonl", DATA, "--predictions", FIXTURES / "eval_predictions.jsonl", "--num_samples", 2,
+                    tmp_path=tmp_path)
+    assert done.returncode == 2 and "--num_samples" in done.stderr and "Traceback" not in done.stderr

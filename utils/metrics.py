@@ -14,7 +14,10 @@ Names follow DESIGN.md, so metrics.json, summary.csv and validation samples agre
     format_rate         the completion is exactly the JSON object (RewardResult.format_valid)
     valid_program_rate  the predicted program executes (RewardResult.program_valid)
     reward_mean, reward_<component>_mean   weighted reward total and components
-    <rate>_ci95         [low, high], 95% percentile bootstrap over examples, seeded
+    <name>_ci95         [low, high], 95% percentile bootstrap over examples, seeded (rates, reward_mean)
+    sampled_<name>      with K sampled completions per prompt (aggregate_samples): the mean over
+                        prompts of each prompt's mean over its samples, i.e. the expected score of
+                        one sample; sampled_exec_pass_at_k: some sample is exec-correct
 
 Everything here is pure: the same results and seed always give the same dict.
 """
@@ -92,7 +95,7 @@ def aggregate(results: list[RewardResult], tokens_generated: int | None = None,
         {exec_acc, prog_acc, answer_acc, numeric_acc, format_rate, valid_program_rate,
         reward_mean, reward_exact_mean, reward_numeric_mean, reward_program_mean,
         reward_format_mean, n_examples, tokens_generated, wall_time_s, tokens_per_s,
-        and <rate>_ci95 for the six rates}. No results gives zeros and n_examples 0.
+        and <name>_ci95 for the six rates and reward_mean}. No results gives zeros and n_examples 0.
     Example:
         >>> from utils.rewards import score
         >>> example = {"table": [], "exe_ans": 0.5, "target_program": "divide(1, 2)", "target_answer": "50%"}
@@ -115,8 +118,41 @@ def aggregate(results: list[RewardResult], tokens_generated: int | None = None,
         "tokens_per_s": tokens_generated / wall_time_s if known_rate else None,
     })
     if n_resamples > 0:
-        for name, fact in RATES.items():
+        for name, fact in {**RATES, "reward_mean": lambda r: r.total}.items():
             metrics[f"{name}_ci95"] = bootstrap_ci([fact(r) for r in results], seed, n_resamples)
+    return metrics
+
+
+def aggregate_samples(results_per_prompt: list[list[RewardResult]], seed: int = 0,
+                      n_resamples: int = 1000) -> dict:
+    """Summarise K sampled completions per prompt: the expected score of one sample, and pass@K.
+
+    Each prompt's K results are averaged first, so every prompt weighs the same and the bootstrap
+    resamples prompts (the independent unit), not samples.
+
+    Args:
+        results_per_prompt: for each prompt, the RewardResults of its K samples (K >= 1).
+        seed, n_resamples: as aggregate(); 0 resamples = no CIs.
+    Returns:
+        {sampled_<rate> for the six rates, sampled_reward_mean (means over prompts of the per-prompt
+        mean over samples), sampled_exec_pass_at_k (prompts with at least one exec-correct sample),
+        and sampled_<name>_ci95 for the rates and the reward}.
+    Example:
+        >>> from utils.rewards import score
+        >>> example = {"table": [], "exe_ans": 0.5, "target_program": "divide(1, 2)", "target_answer": "50%"}
+        >>> right, wrong = (score(t, example) for t in ('{"program": "divide(1, 2)", "answer": "50%"}', "no"))
+        >>> m = aggregate_samples([[right, wrong, wrong, wrong], [wrong] * 4], n_resamples=0)
+        >>> m["sampled_exec_acc"], m["sampled_exec_pass_at_k"]
+        (0.125, 0.5)
+    """
+    facts = {**RATES, "reward_mean": lambda r: r.total}
+    per_prompt = {name: [_mean(fact(r) for r in results) for results in results_per_prompt]
+                  for name, fact in facts.items()}
+    metrics = {f"sampled_{name}": _mean(values) for name, values in per_prompt.items()}
+    metrics["sampled_exec_pass_at_k"] = _mean(any(r.exec_correct for r in results) for results in results_per_prompt)
+    if n_resamples > 0:
+        for name, values in per_prompt.items():
+            metrics[f"sampled_{name}_ci95"] = bootstrap_ci(values, seed, n_resamples)
     return metrics
 
 
@@ -136,17 +172,27 @@ def failure_counts(results: list[RewardResult]) -> dict[str, int]:
 
 
 def format_table(metrics: dict) -> str:
-    """The six rates and reward_mean of a metrics dict as an aligned text table (CIs if present).
+    """The six rates and reward_mean of a metrics dict as an aligned text table (CIs if present),
+    with the sampled means beside them when the metrics have them.
 
     Example:
         >>> print(format_table({**dict.fromkeys(RATES, 0.5), "reward_mean": 0.25}).splitlines()[1])
         exec_acc               0.5000
     """
-    lines = [f"{'metric':<20} {'value':>8}   95% CI"]
+    sampled = "sampled_reward_mean" in metrics
+    lines = [f"{'metric':<20} {'greedy':>8}   95% CI" + (f"{'':<13}{'sampled':>8}   95% CI" if sampled else "")]
     for name in (*RATES, "reward_mean"):
-        ci = metrics.get(f"{name}_ci95")
-        lines.append(f"{name:<20} {metrics[name]:>8.4f}" + (f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        line = f"{name:<20} {metrics[name]:>8.4f}" + _ci_text(metrics.get(f"{name}_ci95"))
+        if sampled:
+            line = f"{line:<49} {metrics[f'sampled_{name}']:>8.4f}" + _ci_text(metrics.get(f"sampled_{name}_ci95"))
+        lines.append(line)
+    if sampled:
+        lines.append(f"{'exec pass@k':<20} {'':>8}{'':<21} {metrics['sampled_exec_pass_at_k']:>8.4f}")
     return "\n".join(lines)
+
+
+def _ci_text(ci) -> str:
+    return f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
 
 
 # --- official FinQA predictions ------------------------------------------------------------
