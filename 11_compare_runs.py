@@ -8,10 +8,17 @@
 Inputs are metrics.json files of 10_evaluate.py (paths, quoted globs, or 10_evaluation folders); each
 folder's breakdown.csv gives the per-item correctness for the paired tests. The method and seed come from
 the policy name (grpo, grpo_seed2, grpo-s2), else the training manifest (the module folder of the evaluated
-checkpoint, e.g. 06_grpo/), else metrics.json. Writes summary.csv (numbers exactly as in metrics.json),
+checkpoint, e.g. 06_grpo/), else metrics.json. Writes summary.csv (numbers exactly as in metrics.json;
+num_samples is 0 and the sampled_* metrics of 10_evaluate.py --num_samples K blank when greedy only),
 seeds_summary.csv, paired.csv (exec_acc difference, paired bootstrap CI, McNemar vs --baseline),
 plots/*.png, report.md and manifest.json to outputs/<run>/11_comparison/ (<run>: the inputs' common run,
 else --run_id). Statistics and tables: utils/comparison.py; figures: utils/plots.py.
+
+Paired tests: when a policy and the baseline both have per-item sampled means (breakdown.csv's
+sampled_exec_acc) on every shared item, the paired bootstrap is over those means (paired_on "sampled mean
+of K=4"; warned when their sampling settings differ) and significant = its CI excludes 0; otherwise it is
+over greedy exec_correct (paired_on "greedy") and significant = CI excludes 0 and McNemar p < 0.05.
+McNemar is always on greedy exec_correct.
 """
 from __future__ import annotations
 
@@ -138,7 +145,8 @@ def to_float(text) -> float | None:
 
 
 def read_breakdown(path: Path) -> dict[str, dict]:
-    """breakdown.csv rows by id (exec_correct as bool, reward as float or None); {} when unusable."""
+    """breakdown.csv rows by id (exec_correct as bool; reward and sampled_exec_acc, the item's mean over its
+    sampled completions, as float or None: empty when greedy only, absent before sampling); {} when unusable."""
     rows = []
     if path.is_file():
         with path.open(encoding="utf-8", newline="") as handle:
@@ -147,7 +155,8 @@ def read_breakdown(path: Path) -> dict[str, dict]:
         warn(f"{path}: missing, empty or without id/exec_correct columns: no paired test for this policy")
         return {}
     return {row["id"]: {"exec_correct": str(row["exec_correct"]).strip().lower() in ("true", "1"),
-                        "reward": to_float(row.get("reward"))} for row in rows}
+                        "reward": to_float(row.get("reward")),
+                        "sampled_exec_acc": to_float(row.get("sampled_exec_acc"))} for row in rows}
 
 
 def training_facts(train: dict, log: list[dict]) -> dict:
@@ -162,6 +171,15 @@ def training_facts(train: dict, log: list[dict]) -> dict:
             "compute_hours": wall * devices / 3600 if wall is not None else None,
             "peak_memory_gb": next((numbers[k] * scale for k, scale in MEMORY_KEYS.items()
                                     if numbers.get(k) is not None), None)}
+
+
+def sampled_facts(metrics: dict) -> dict:
+    """num_samples (0: greedy only, as for a metrics.json from before sampling), the sampling settings and the
+    sampled metrics of 10_evaluate.py --num_samples K; all but num_samples None when greedy only."""
+    k = int(metrics.get("num_samples") or 0)
+    ci = (metrics.get("sampled_exec_acc_ci95") if k else None) or [None, None]
+    return {**{key: metrics.get(key) if k else None for key in (*cmp.SAMPLING, *cmp.SAMPLED)}, "num_samples": k,
+            "sampled_exec_acc_ci_low": ci[0], "sampled_exec_acc_ci_high": ci[1]}
 
 
 def load_policy(path: Path, seed: int, n_resamples: int) -> dict:
@@ -189,8 +207,9 @@ def load_policy(path: Path, seed: int, n_resamples: int) -> dict:
            "seed": next((s for s in seeds if s is not None), None), "model": model,
            **data_facts(metrics.get("data_file")), "n": metrics["n_examples"], "exec_acc": metrics["exec_acc"],
            "exec_acc_ci_low": ci[0], "exec_acc_ci_high": ci[1], **{k: metrics[k] for k in cmp.RATES[1:]},
-           "reward_mean": metrics["reward_mean"], "eval_tokens": metrics.get("tokens_generated"),
-           **training_facts(train, log), "data_sha256": metrics.get("data_sha256"), "path": path, "log": log}
+           "reward_mean": metrics["reward_mean"], **sampled_facts(metrics),
+           "eval_tokens": metrics.get("tokens_generated"), **training_facts(train, log),
+           "data_sha256": metrics.get("data_sha256"), "path": path, "log": log}
     if method == "base" and row["compute_hours"] is None:
         row["compute_hours"] = 0.0  # the base model is not trained here
     breakdown = read_breakdown(path.parent / "breakdown.csv")
@@ -216,6 +235,22 @@ def pick_baseline(policies: list[dict], wanted: str) -> dict | None:
     return candidates[0]
 
 
+def sampled_values(policy: dict, baseline: dict, ids: list) -> tuple[list | None, list | None, str]:
+    """What to pair on the shared ids: both sides' per-item sampled_exec_acc and cmp.sampled_label(...) when
+    both have it on every id (warned when their sampling settings differ), else (None, None, cmp.GREEDY)."""
+    label, base_label = policy["row"]["label"], baseline["row"]["label"]
+    sides = [[p["breakdown"][i]["sampled_exec_acc"] for i in ids] for p in (policy, baseline)]
+    if None in sides[0] + sides[1]:
+        if any(v is not None for v in sides[0] + sides[1]):
+            warn(f"{label} vs {base_label}: not both have sampled_exec_acc on every shared item: paired on greedy")
+        return None, None, cmp.GREEDY
+    settings = [[p["row"][key] for key in cmp.SAMPLING] for p in (policy, baseline)]
+    if differ := [f"{key} {a} vs {b}" for key, a, b in zip(cmp.SAMPLING, *settings) if a != b]:
+        warn(f"{label} vs {base_label}: sampled with different settings ({', '.join(differ)}): "
+             "pairing their sampled means anyway")
+    return *sides, cmp.sampled_label(settings[0][0], settings[1][0])
+
+
 def paired_rows(policies, baseline, seed, n_resamples) -> list[dict]:
     rows = []
     for policy in (p for p in policies if baseline and p is not baseline):
@@ -228,7 +263,8 @@ def paired_rows(policies, baseline, seed, n_resamples) -> list[dict]:
             warn(f"{label} vs {base_label}: only the {len(ids)} shared items are paired")
         rows.append(cmp.paired_row(policy["row"], baseline["row"], ids,
                                    [policy["breakdown"][i]["exec_correct"] for i in ids],
-                                   [baseline["breakdown"][i]["exec_correct"] for i in ids], seed, n_resamples))
+                                   [baseline["breakdown"][i]["exec_correct"] for i in ids], seed, n_resamples,
+                                   *sampled_values(policy, baseline, ids)))
     return rows
 
 
@@ -278,7 +314,8 @@ def compare(args, cfg) -> dict:
                                    inputs, args.bootstrap, seed)
         manifest.add_output("report", runs.atomic_write_text(folder / "report.md", text))
         manifest.metrics.update(n_policies=len(summary), baseline=baseline_label, methods=[r["method"] for r in seeds],
-                                significant=[r["policy"] for r in paired if r["significant"]])
+                                significant=[r["policy"] for r in paired if r["significant"]],
+                                paired_on={r["policy"]: r["paired_on"] for r in paired})
 
     print("\n".join(f"- {line}" for line in notes))
     print(f"compared {len(summary)} policies; wrote {folder}")

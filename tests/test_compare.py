@@ -6,6 +6,8 @@ Fixtures (tests/fixtures/compare/run_cmp, 30 test items cmp-00..cmp-29):
     grpo_seed1  right on items 2-21: b=12, c=2 vs sft   (20/30), 06_grpo_seed1 (3600 s on 2 GPUs)
     grpo-s2     right on items 0-7, 10-17: b=8, c=2     (16/30), 06_grpo_seed2 (5400 s, cpu)
 Checkpoint paths in the metrics are relative to the repository root, so the script runs from there.
+The fixtures are greedy-only in the old format (no num_samples, no sampled_* columns); `sampled_run` rewrites a
+copy as 10_evaluate.py --num_samples K writes it (SAMPLED_MEANS: each item's sampled_exec_acc).
 """
 import csv
 import json
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.comparison import (mcnemar, mcnemar_p, mean_std, paired_bootstrap_ci, parse_policy_name,
+from utils.comparison import (mcnemar, mcnemar_p, mean_std, paired_bootstrap_ci, paired_row, parse_policy_name,
                               parse_training_log, tokens_from_log)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +140,25 @@ def test_tokens_from_log(entries, tokens):
     assert tokens_from_log(entries) == tokens
 
 
+def test_paired_row_significance_depends_on_what_is_paired():
+    """Sampled means: the CI alone decides; greedy: the CI and McNemar (here p = 1: no discordant pair)."""
+    row = {"label": "grpo", "method": "grpo", "seed": 1}
+    ids = list(range(20))
+    correct = [True, False] * 10                           # greedy: identical on both sides
+    values, base_values = [0.75, 0.5] * 10, [0.5, 0.25] * 10  # every item's sampled mean 0.25 higher
+    sampled = paired_row(row, {**row, "label": "sft"}, ids, correct, correct, 0, 200, values, base_values,
+                         "sampled mean of K=4")
+    assert (sampled["paired_on"], sampled["exec_acc"], sampled["baseline_exec_acc"]) == \
+        ("sampled mean of K=4", 0.625, 0.375)
+    assert sampled["diff"] == 0.25 and [sampled["diff_ci_low"], sampled["diff_ci_high"]] == [0.25, 0.25]
+    assert (sampled["greedy_exec_acc"], sampled["baseline_greedy_exec_acc"], sampled["mcnemar_p"]) == (0.5, 0.5, 1.0)
+    assert sampled["significant"] is True                  # CI [0.25, 0.25] excludes 0; McNemar not required
+    greedy = paired_row(row, {**row, "label": "sft"}, ids, correct, correct, 0, 200)
+    assert (greedy["paired_on"], greedy["diff"], greedy["significant"]) == ("greedy", 0.0, False)
+    ci_only = paired_row(row, {**row, "label": "sft"}, ids, [True] * 20, [False] * 20, 0, 200)  # b = 20: p < 0.05
+    assert ci_only["significant"] is True and ci_only["exec_acc"] == ci_only["greedy_exec_acc"] == 1.0
+
+
 def test_parse_training_log_rejects_garbage():
     with pytest.raises(ValueError, match="invalid JSON"):
         parse_training_log("{not json")
@@ -166,6 +187,7 @@ def test_summary_numbers_equal_metrics(compared):
         assert int(row["n"]) == metrics["n_examples"] and int(row["eval_tokens"]) == metrics["tokens_generated"]
         assert (row["run"], row["model"], row["context_mode"], row["dataset_source"]) == \
             ("run_cmp", "smollm2-135m", "retrieved", "finqa")
+        assert row["num_samples"] == "0" and row["sampled_exec_acc"] == row["sampled_reward_mean"] == ""  # old files
 
 
 def test_summary_methods_seeds_and_compute(compared):
@@ -204,6 +226,8 @@ def test_paired_against_sft(compared):
     assert two["significant"] == "False"
     assert (base["only_policy_correct"], base["only_baseline_correct"]) == ("0", "8")
     assert float(base["diff"]) < 0 and base["baseline"] == "sft"
+    assert {row["paired_on"] for row in paired.values()} == {"greedy"}   # no sampled columns: greedy
+    assert one["exec_acc"] == one["greedy_exec_acc"] and one["baseline_exec_acc"] == one["baseline_greedy_exec_acc"]
 
 
 def test_report_and_plots(compared):
@@ -219,6 +243,104 @@ def test_report_and_plots(compared):
     assert manifest["status"] == "complete" and manifest["module"] == "11_comparison"
     assert len(manifest["inputs"]) == len(POLICIES)
     assert all(len(entry["sha256"]) == 64 and entry["sha256"] in report for entry in manifest["inputs"].values())
+
+
+# 10_evaluate.py --num_samples K: per policy (K, each item's sampled_exec_acc for items 0-29)
+SAMPLED_MEANS = {
+    "sft": (4, [0.75] * 10 + [0.25] * 20),                 # mean (7.5 + 5) / 30 = 12.5 / 30
+    "grpo_seed1": (4, [0.0] * 2 + [0.5] * 20 + [0.25] * 8),  # mean 12 / 30: vs sft -0.5 / 30 (greedy +10 / 30)
+    "grpo-s2": (8, [1.0] * 30),                            # every item above sft's: +17.5 / 30, each diff > 0
+    "base": (0, None),                                     # greedy only: the new columns empty
+}
+
+
+def add_samples(folder: Path, k: int, means) -> dict:
+    """Rewrite a fixture policy's metrics.json and breakdown.csv as 10_evaluate.py --num_samples k writes them."""
+    with open(folder / "breakdown.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row, mean in zip(rows, means or [None] * len(rows)):
+        row.update({"sampled_exec_acc": "" if mean is None else str(mean),
+                    "sampled_format_rate": "" if mean is None else "1.0",
+                    "sampled_reward_mean": "" if mean is None else str(mean - 0.25)})
+    with open(folder / "breakdown.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(num_samples=k, sample_temperature=0.7, sample_top_p=0.95)
+    if k:
+        acc = sum(means) / len(means)
+        metrics.update(sampled_exec_acc=acc, sampled_exec_acc_ci95=[acc - 0.1, acc + 0.1], sampled_format_rate=1.0,
+                       sampled_reward_mean=acc - 0.25, sampled_exec_pass_at_k=sum(m > 0 for m in means) / len(means))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory):
+    """(output folder, the script's stderr, metrics by policy) of the fixtures rewritten with SAMPLED_MEANS."""
+    root = tmp_path_factory.mktemp("sampled")
+    shutil.copytree(FIXTURE / "10_evaluation", root / "10_evaluation")
+    metrics = {name: add_samples(root / "10_evaluation" / name, k, means) for name, (k, means) in SAMPLED_MEANS.items()}
+    done = run(root / "10_evaluation", "--output_dir", root / "out", "--bootstrap", 1000)
+    assert done.returncode == 0, done.stderr
+    return root / "out", done.stderr, metrics
+
+
+def test_paired_on_sampled_means(sampled_run):
+    out, stderr, _ = sampled_run
+    paired = read_csv(out / "paired.csv")
+    one, two = paired["grpo_seed1"], paired["grpo-s2"]
+    assert one["paired_on"] == "sampled mean of K=4"
+    assert float(one["exec_acc"]) == pytest.approx(12 / 30)
+    assert float(one["baseline_exec_acc"]) == pytest.approx(12.5 / 30)
+    # per item: 0-1 0 - 0.75, 2-9 0.5 - 0.75, 10-21 0.5 - 0.25, 22-29 0.25 - 0.25: (-1.5 - 2 + 3 + 0) / 30
+    assert float(one["diff"]) == pytest.approx(-0.5 / 30)
+    assert float(one["diff_ci_low"]) < 0 < float(one["diff_ci_high"]) and one["significant"] == "False"
+    # McNemar stays on greedy exec_correct: 12 vs 2, p = 0.0129 (significant under the greedy rule)
+    assert (float(one["greedy_exec_acc"]), float(one["baseline_greedy_exec_acc"])) == (20 / 30, 10 / 30)
+    assert (one["only_policy_correct"], one["only_baseline_correct"]) == ("12", "2")
+    assert float(one["mcnemar_p"]) == pytest.approx(2 * (1 + 14 + 91) / 2 ** 14)
+    # K=8 vs K=4: still paired on the sampled means, with a warning; every item's diff is 0.25 or 0.75
+    assert two["paired_on"] == "sampled mean of K=8 (baseline K=4)" and "num_samples 8 vs 4" in stderr
+    assert float(two["diff"]) == pytest.approx(17.5 / 30) and float(two["diff_ci_low"]) >= 0.25
+    assert float(two["mcnemar_p"]) == pytest.approx(2 * (1 + 10 + 45) / 2 ** 10)   # 0.109 on greedy
+    assert two["significant"] == "True"   # the sampled CI excludes 0; McNemar is not required
+
+
+def test_paired_falls_back_to_greedy_when_one_side_is_greedy_only(sampled_run):
+    out, stderr, _ = sampled_run
+    base = read_csv(out / "paired.csv")["base"]   # base: num_samples 0, empty sampled columns; sft sampled
+    assert base["paired_on"] == "greedy"
+    assert (float(base["exec_acc"]), float(base["baseline_exec_acc"])) == (2 / 30, 10 / 30)
+    assert float(base["diff"]) == pytest.approx(-8 / 30) and base["exec_acc"] == base["greedy_exec_acc"]
+    assert float(base["mcnemar_p"]) == pytest.approx(2 / 2 ** 8) and base["significant"] == "True"  # 0 vs 8
+    assert "base vs sft: not both have sampled_exec_acc on every shared item: paired on greedy" in stderr
+
+
+def test_sampled_summary_and_report(sampled_run):
+    out, _, metrics = sampled_run
+    summary = read_csv(out / "summary.csv")
+    for policy in ("sft", "grpo_seed1", "grpo-s2"):
+        row, numbers = summary[policy], metrics[policy]
+        assert int(row["num_samples"]) == numbers["num_samples"] and float(row["sample_temperature"]) == 0.7
+        for name in ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k"):
+            assert float(row[name]) == numbers[name], (policy, name)   # exact: no rounding
+        assert [float(row["sampled_exec_acc_ci_low"]), float(row["sampled_exec_acc_ci_high"])] == \
+            numbers["sampled_exec_acc_ci95"]
+    assert float(summary["grpo_seed1"]["sampled_exec_pass_at_k"]) == 28 / 30   # all but items 0-1
+    assert summary["base"]["num_samples"] == "0"
+    assert summary["base"]["sampled_exec_acc"] == summary["base"]["sample_temperature"] == ""   # greedy only
+    report = (out / "report.md").read_text()
+    assert "(exec_acc paired on greedy / sampled mean of K=4 / sampled mean of K=8 (baseline K=4), same test" in report
+    assert "| grpo_seed1 | 30 | sampled mean of K=4 | 0.400 | 0.417 | -0.017 |" in report
+    assert "paired on sampled means: the 95% paired bootstrap CI of the difference excludes 0" in report
+    assert "grpo_seed1 vs sft (sampled mean of K=4): exec_acc difference -0.017" in report   # conclusions
+    assert "Sampled evaluation (exec_acc averaged over each item's K sampled completions): sft 0.417 (K=4)" in report
+    assert "greedy only: base." in report
+    assert "| num_samples | sampled_exec_acc |" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["paired_on"]["base"] == "greedy"
 
 
 def test_default_output_and_tolerance(tmp_path):

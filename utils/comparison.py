@@ -6,8 +6,11 @@
     seeds_table(summary), paired_row(...), conclusions(...), report_markdown(...), to_csv(rows, columns)
 
 Everything here is pure (no I/O, no globals, no unseeded randomness): the same inputs give the
-same tables. A difference counts as significant only when both the paired bootstrap CI excludes
-0 and McNemar's p < 0.05.
+same tables. A paired comparison is on the per-item sampled exec_acc means (paired_on "sampled mean
+of K=4") when the policy and the baseline both have them, else on greedy exec_correct (paired_on
+"greedy"); McNemar is always on greedy exec_correct. A greedy difference counts as significant only
+when both the paired bootstrap CI excludes 0 and McNemar's p < 0.05; a sampled one when its paired
+bootstrap CI excludes 0 (McNemar tests the greedy 0/1 pairs, another quantity: reported, not required).
 """
 from __future__ import annotations
 
@@ -31,9 +34,15 @@ FEW_SEEDS = 3
 LOG_LISTS = ("log_history", "entries", "steps", "history", "logs")  # where a JSON log dict keeps its entries
 SEED_METRICS = ("exec_acc", "prog_acc", "format_rate", "reward_mean")
 RATES = ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "valid_program_rate")
+# 10_evaluate.py --num_samples K: its sampling settings (num_samples 0: greedy only) and sampled metrics (means
+# over prompts of the per-prompt mean over K samples; pass@k: share of prompts with an exec-correct sample)
+SAMPLING = ("num_samples", "sample_temperature", "sample_top_p")
+SAMPLED = ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k")
 SUMMARY_COLUMNS = ["run", "policy", "method", "seed", "model", "context_mode", "dataset_source", "n", "exec_acc",
-                   "exec_acc_ci_low", "exec_acc_ci_high", *RATES[1:], "reward_mean", "train_wall_time_s",
+                   "exec_acc_ci_low", "exec_acc_ci_high", *RATES[1:], "reward_mean", *SAMPLING, SAMPLED[0],
+                   "sampled_exec_acc_ci_low", "sampled_exec_acc_ci_high", *SAMPLED[1:], "train_wall_time_s",
                    "train_tokens", "eval_tokens", "compute_device", "compute_hours", "peak_memory_gb"]
+GREEDY = "greedy"  # paired_on of a comparison of greedy exec_correct
 
 
 # --- statistics ---
@@ -190,25 +199,53 @@ def seeds_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-PAIRED_COLUMNS = ["policy", "method", "seed", "baseline", "n_paired", "exec_acc", "baseline_exec_acc", "diff",
-                  "diff_ci_low", "diff_ci_high", "only_policy_correct", "only_baseline_correct", "mcnemar_test",
-                  "mcnemar_p", "significant"]
+# exec_acc, baseline_exec_acc, diff and its CI are of the paired_on quantity; the rest is greedy (McNemar)
+PAIRED_COLUMNS = ["policy", "method", "seed", "baseline", "n_paired", "paired_on", "exec_acc", "baseline_exec_acc",
+                  "diff", "diff_ci_low", "diff_ci_high", "greedy_exec_acc", "baseline_greedy_exec_acc",
+                  "only_policy_correct", "only_baseline_correct", "mcnemar_test", "mcnemar_p", "significant"]
 
 
-def paired_row(policy: dict, baseline: dict, ids: list, correct: list, base_correct: list,
-               seed: int, n_resamples: int) -> dict:
-    """One paired comparison of a policy against the baseline on shared item ids."""
-    difference = (sum(map(float, correct)) - sum(map(float, base_correct))) / len(ids) if ids else None
-    low, high = paired_bootstrap_ci(correct, base_correct, seed, n_resamples)
+def sampled_label(k, base_k) -> str:
+    """paired_on of a comparison of sampled means: K of the policy, and of the baseline when it differs.
+
+    Example:
+        >>> sampled_label(4, 4), sampled_label(8, 4)
+        ('sampled mean of K=4', 'sampled mean of K=8 (baseline K=4)')
+    """
+    return f"sampled mean of K={k}" + (f" (baseline K={base_k})" if base_k != k else "")
+
+
+def average(values) -> float | None:
+    """Mean of numbers (bools count as 0/1); None for none."""
+    return sum(map(float, values)) / len(values) if len(values) else None
+
+
+def paired_row(policy: dict, baseline: dict, ids: list, correct: list, base_correct: list, seed: int,
+               n_resamples: int, values: list | None = None, base_values: list | None = None,
+               paired_on: str = GREEDY) -> dict:
+    """One paired comparison of a policy against the baseline on shared item ids.
+
+    Args:
+        policy, baseline: summary rows (label, method, seed).
+        ids: the shared item ids.
+        correct, base_correct: greedy exec_correct per item (McNemar, greedy_exec_acc).
+        values, base_values: the per-item quantity paired (exec_acc, diff, its CI): default the greedy one.
+        paired_on: what values are, GREEDY or sampled_label(...); sets the significance rule.
+    Returns:
+        A row of PAIRED_COLUMNS; significant = CI excludes 0, and for GREEDY also McNemar p < ALPHA.
+    """
+    values, base_values = (correct, base_correct) if values is None else (values, base_values)
+    difference = (sum(map(float, values)) - sum(map(float, base_values))) / len(ids) if ids else None
+    low, high = paired_bootstrap_ci(values, base_values, seed, n_resamples)
     b, c, _ = mcnemar(correct, base_correct)
     p, test = mcnemar_p(b, c)
     return {"policy": policy["label"], "method": policy["method"], "seed": policy["seed"],
-            "baseline": baseline["label"], "n_paired": len(ids),
-            "exec_acc": sum(map(float, correct)) / len(ids) if ids else None,
-            "baseline_exec_acc": sum(map(float, base_correct)) / len(ids) if ids else None,
+            "baseline": baseline["label"], "n_paired": len(ids), "paired_on": paired_on,
+            "exec_acc": average(values), "baseline_exec_acc": average(base_values),
             "diff": difference, "diff_ci_low": low, "diff_ci_high": high,
+            "greedy_exec_acc": average(correct), "baseline_greedy_exec_acc": average(base_correct),
             "only_policy_correct": b, "only_baseline_correct": c, "mcnemar_test": test, "mcnemar_p": p,
-            "significant": bool(ids) and (low > 0 or high < 0) and p < ALPHA}
+            "significant": bool(ids) and (low > 0 or high < 0) and (paired_on != GREEDY or p < ALPHA)}
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -247,15 +284,23 @@ def conclusions(summary: list[dict], seeds: list[dict], paired: list[dict], base
         out.append("No baseline policy was found: no paired comparison.")
     elif best["method"] == next((r["method"] for r in summary if r["label"] == baseline), None) and not ties:
         out.append(f"The baseline ({baseline}) has the highest exec_acc: no method improves on it here.")
+    if sampled := [r for r in summary if r.get("num_samples")]:
+        greedy_only = [r["label"] for r in summary if not r.get("num_samples")]
+        out.append("Sampled evaluation (exec_acc averaged over each item's K sampled completions): "
+                   + ", ".join(f"{r['label']} {fmt(r['sampled_exec_acc'])} (K={r['num_samples']})" for r in sampled)
+                   + "; greedy only: " + (", ".join(greedy_only) or "none") + ".")
     for row in (r for r in paired if r["method"] == best["method"] and r["policy"] != baseline):
         verdict = "significant" if row["significant"] else "not significant"
-        out.append(f"{row['policy']} vs {baseline}: exec_acc difference {row['diff']:+.3f} "
-                   f"(95% paired bootstrap CI [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}], McNemar "
+        greedy = "" if row["paired_on"] == GREEDY else "greedy "
+        out.append(f"{row['policy']} vs {baseline} ({row['paired_on']}): exec_acc difference {row['diff']:+.3f} "
+                   f"(95% paired bootstrap CI [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}], {greedy}McNemar "
                    f"{row['mcnemar_test']} p = {row['mcnemar_p']:.3g}, {row['n_paired']} items): {verdict}.")
     winners = [r["policy"] for r in paired if r["significant"] and r["diff"] > 0]
     losers = [r["policy"] for r in paired if r["significant"] and r["diff"] < 0]
     if paired:
-        out.append("Significantly above the baseline (CI excludes 0 and p < 0.05): "
+        rule = "CI excludes 0, and p < 0.05 when paired on greedy" if any(r["paired_on"] != GREEDY for r in paired) \
+            else "CI excludes 0 and p < 0.05"
+        out.append(f"Significantly above the baseline ({rule}): "
                    + (", ".join(winners) or "none") + "; significantly below: " + (", ".join(losers) or "none") + ".")
     n_min = min(r["n"] for r in summary)
     if n_min < SMALL_N:
@@ -309,10 +354,14 @@ def report_markdown(summary: list[dict], seeds: list[dict], paired: list[dict], 
     """report.md: run(s), summary, seed and paired tables, plots (plots/<name>.png), conclusions, inputs."""
     shown = [{**r, "exec_acc 95% CI": f"[{fmt(r['exec_acc_ci_low'])}, {fmt(r['exec_acc_ci_high'])}]"}
              for r in summary]
+    sampled = any(r.get("num_samples") for r in summary)
     columns = ["label", "method", "seed", "model", "context_mode", "dataset_source", "n", "exec_acc",
-               "exec_acc 95% CI", *RATES[1:], "reward_mean", "compute_hours", "compute_device"]
+               "exec_acc 95% CI", *RATES[1:], "reward_mean", *(("num_samples", *SAMPLED) if sampled else ()),
+               "compute_hours", "compute_device"]
     seed_columns = ["method", "n_policies", "seeds", *[f"{m}_{s}" for m in SEED_METRICS for s in ("mean", "std")]]
-    paired_columns = ["policy", "n_paired", "exec_acc", "baseline_exec_acc", "diff", "diff_ci_low", "diff_ci_high",
+    on = list(dict.fromkeys(r["paired_on"] for r in paired))
+    paired_columns = ["policy", "n_paired", "paired_on", "exec_acc", "baseline_exec_acc", "diff", "diff_ci_low",
+                      "diff_ci_high", *(("greedy_exec_acc", "baseline_greedy_exec_acc") if on != [GREEDY] else ()),
                       "only_policy_correct", "only_baseline_correct", "mcnemar_test", "mcnemar_p", "significant"]
     run_names = ", ".join(sorted({str(r["run"]) for r in summary}))
     parts = [f"# Policy comparison: {run_names}", "",
@@ -324,11 +373,20 @@ def report_markdown(summary: list[dict], seeds: list[dict], paired: list[dict], 
              "summary.csv's train_tokens is what the stage logged (TRL's num_tokens; 05_ppo: rollout tokens), "
              "so compare it within a method only.", "",
              "## Across seeds (mean and sample std)", "", markdown_table(seeds, seed_columns), "",
-             f"## Paired comparison against {baseline or 'the baseline'} (exec_acc, same test items)", "",
+             f"## Paired comparison against {baseline or 'the baseline'} "
+             f"(exec_acc paired on {' / '.join(on) or GREEDY}, same test items)", "",
              markdown_table(paired, paired_columns) if paired else "No paired comparison (see the warnings).", "",
-             "significant = the 95% paired bootstrap CI of the difference excludes 0 and McNemar p < 0.05 "
-             f"(exact binomial test below {EXACT_BELOW} discordant pairs, else chi-square with continuity "
-             "correction).", "", "## Plots", "", *[f"![{name}](plots/{name}.png)" for name in plot_names], "",
+             "paired_on = the per-item quantity paired: greedy = the greedy completion's exec_correct (0/1); "
+             "sampled mean of K = the item's mean exec_correct over its K sampled completions (10_evaluate.py "
+             "--num_samples K), used when the policy and the baseline both have it for every shared item. "
+             "exec_acc, baseline_exec_acc, diff and its CI are of that quantity; McNemar (only_policy_correct, "
+             "only_baseline_correct) is always on greedy exec_correct (paired.csv: greedy_exec_acc, "
+             "baseline_greedy_exec_acc).",
+             "", "significant = paired on greedy: the 95% paired bootstrap CI of the difference excludes 0 and "
+             f"McNemar p < 0.05 (exact binomial test below {EXACT_BELOW} discordant pairs, else chi-square with "
+             "continuity correction); paired on sampled means: the 95% paired bootstrap CI of the difference "
+             "excludes 0 (McNemar, a test of the greedy 0/1 pairs, is reported beside but not required).", "",
+             "## Plots", "", *[f"![{name}](plots/{name}.png)" for name in plot_names], "",
              "## Conclusions", "", *[f"- {line}" for line in notes], "", "## Inputs", "",
              *[f"- `{path}` sha256 `{digest}`" for path, digest in inputs]]
     return "\n".join(parts) + "\n"
