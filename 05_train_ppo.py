@@ -169,7 +169,8 @@ def main(args, extra_tokens=()) -> dict:
                     global_step=hp.max_steps, best_step=best.get("step"),
                     **{f"best_val_{k}": v for k, v in best.get("metrics", {}).items()},
                     **{f"final_val_{k}": val_metrics.get(k) for k in ("exec_acc", "format_rate", "reward_mean")},
-                    mean_step_s=sum(step_times) / len(step_times) if step_times else None,
+                    step_time_s_mean=sum(step_times) / len(step_times) if step_times else None,
+                    peak_rss_gb=log.peak_rss_gb,
                     train_tokens_per_s=sum(token_rates) / len(token_rates) if token_rates else None,
                     final_kl_coef=trainer.kl_controller.value, reward_spec=str(spec_path or "built-in defaults"))
             accelerator.wait_for_everyone()

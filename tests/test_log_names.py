@@ -3,6 +3,7 @@ TRL's GRPO and RLOO trainers log it from the reward functions 06 and 07 hand the
 `reward`, `reward_std` and `rewards/<name>/mean|std` (TRL's meaning: each function's unweighted
 value; `reward` the weighted total), so curves from every method compare directly."""
 import inspect
+import json
 import math
 
 import pytest
@@ -112,3 +113,25 @@ def test_training_log_writes_tensorboard_events_once(tmp_path):
     assert [e.value for e in events.Scalars("val/exec_acc")] == [0.5]
     TrainingLog(tmp_path / "b" / "training_log.json", "none").write(history)
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["training_log.json"]   # report_to none: JSON only
+
+
+def test_training_log_records_each_entrys_peak_memory(tmp_path):
+    """Each new training entry gets the process's peak resident memory since the previous one: an array
+    allocated (and freed) between two writes shows in the second entry's peak only, and the run's peak
+    (what the manifests report) is the largest."""
+    import numpy as np
+
+    from utils.training import TrainingLog
+
+    log, history = TrainingLog(tmp_path / "training_log.json"), [{"step": 1, "loss": 0.5}]
+    log.write(history)
+    block = np.ones(2**28 // 8)  # 256 MiB, touched
+    del block
+    history += [{"step": 2, "val/exec_acc": 0.5}, {"step": 2, "loss": 0.4}]
+    log.write(history)
+    log.write(history + [{"step": 3, "loss": 0.3}])
+    written = json.loads((tmp_path / "training_log.json").read_text())["log_history"]
+    first, second, third = (entry["peak_rss_gb"] for entry in written if "loss" in entry)
+    assert "peak_rss_gb" not in history[1]                           # validation entries get none
+    assert second >= first + 0.25 and second >= third + 0.25          # the block shows where it was held
+    assert log.peak_rss_gb == second

@@ -323,6 +323,7 @@ def parse_args(description: str, method: str, argv=None):
 # cut every JSON answer and leave a constant reward
 QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
               "algorithm.num_generations": 2, "training.per_device_train_batch_size": 4,
+              "training.gradient_accumulation_steps": 1,
               "generation.max_new_tokens": 48, "validation.max_new_tokens": 48, "validation.num_samples": 4,
               "validation.eval_steps": 2}
 QUICK_TEST_TRAIN_PROMPTS = 8
@@ -410,6 +411,7 @@ def final_metrics(history: list[dict], best: dict | None, log) -> dict:
         "step_time_s_mean": mean("step_time"),
         "train_tokens": log.tokens,
         "train_tokens_per_s": log.tokens_per_s,
+        "peak_rss_gb": log.peak_rss_gb,
         "best_step": best.get("step"),
         **{f"best_val_{key}": best.get("metrics", {}).get(key) for key in ("exec_acc", "format_rate", "reward_mean")},
         **{f"{when}_val_{key}": (entry or {}).get(f"val/{key}") for when, entry in

@@ -407,11 +407,30 @@ def _finite_or_none(value):
     return value
 
 
+def peak_rss_gb(reset: bool = True) -> float | None:
+    """This process's peak resident memory in GB since the previous call, or since it started.
+
+    Linux keeps the peak (VmHWM in /proc/self/status); writing "5" to /proc/self/clear_refs
+    restarts it, so each training log entry shows the peak of its own steps. None where /proc
+    is not there (then nothing is logged, rather than a wrong number).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            kilobytes = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+                clear.write("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return round(kilobytes / 2**20, 3)
+
+
 class TrainingLog:
     """The one training-log writer of every trainer (SFT, PPO, GRPO, RLOO, DPO): logs/training_log.json
     ({"log_history": [...]}, NaN/inf as null, rewritten atomically) and, with report_to tensorboard,
     TensorBoard events beside it (`tensorboard --logdir outputs/<run_id>`), one scalar per
-    numeric key of each entry at its step.
+    numeric key of each entry at its step. Each new training entry (one with a "loss") gets
+    `peak_rss_gb`: the process's peak resident memory since the previous one (peak_rss_gb()).
 
     Args:
         path: the JSON file (its folder receives the event files).
@@ -424,6 +443,7 @@ class TrainingLog:
         self.path = Path(path)
         self.logged = logged
         self.events = None
+        self.peak_rss_gb: float | None = None  # the largest peak_rss_gb logged by this process
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -433,6 +453,10 @@ class TrainingLog:
             self.events = SummaryWriter(str(self.path.parent))
 
     def write(self, history: list[dict]) -> None:
+        for entry in history[self.logged:]:  # training entries new since the last write
+            if "loss" in entry and "peak_rss_gb" not in entry:
+                entry["peak_rss_gb"] = peak_rss_gb()
+                self.peak_rss_gb = max(self.peak_rss_gb or 0.0, entry["peak_rss_gb"] or 0.0) or None
         history = [{k: _finite_or_none(v) for k, v in entry.items()} for entry in history]
         runs.atomic_write_json(self.path, {"log_history": history})
         if self.events is not None:
@@ -469,6 +493,11 @@ class JsonLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.log is None:
             self.log = TrainingLog(self.path, self.report_to, logged=len(state.log_history))
+
+    @property
+    def peak_rss_gb(self) -> float | None:
+        """The largest per-log peak resident memory (GB) of this process's run."""
+        return self.log.peak_rss_gb if self.log else None
 
     @property
     def tokens_per_s(self) -> float | None:
