@@ -13,7 +13,7 @@ import pytest
 import torch
 
 # the tiny random llama, a non-zero "SFT" LoRA adapter on it, synthetic train/val data
-from tests.test_ppo import ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
+from tests.test_ppo import check_step_times, ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
 from utils.rewards import RewardSpec
 from utils.rl import SampleLog, leave_one_out_baselines, reward_functions
 
@@ -157,6 +157,8 @@ def check_outputs(out: Path, module: str, steps=(1, 2)) -> list[dict]:
         missing = [key for key in STEP_KEYS if key not in entry]
         assert not missing, f"step {entry['step']} lacks {missing}"
         assert all(math.isfinite(entry[key]) for key in STEP_KEYS)
+        check_step_times(entry)
+        assert entry["peak_rss_gb"] > 0.1
     validations = [entry for entry in log if "val/exec_acc" in entry]
     assert validations[-1]["step"] == steps[-1]
     assert {"val/reward_mean", "val/format_rate"} <= set(validations[-1])
@@ -178,7 +180,9 @@ def check_outputs(out: Path, module: str, steps=(1, 2)) -> list[dict]:
     assert manifest["config"]["algorithm"]["num_generations"] == 2     # --quick_test
     assert manifest["metrics"]["global_step"] == steps[-1]
     assert manifest["metrics"]["final_reward"] == pytest.approx(updates[-1]["reward"])
+    assert manifest["metrics"]["peak_rss_gb"] == max(entry["peak_rss_gb"] for entry in updates)
     return updates
+
 
 
 @pytest.mark.slow

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 t = lambda *rows: torch.tensor(rows, dtype=torch.float32)  # noqa: E731
 
 
+def check_step_times(entry: dict) -> None:
+    """Where a step's time went (05's log, and utils.rl.StepTimes's for GRPO/RLOO): each part measured,
+    none negative, and together no more than the whole step (GRPO/RLOO: the step, update is the rest)."""
+    parts = [entry[f"time/{part}_s"] for part in ("generate", "rewards", "reference", "update")]
+    assert entry["time/generate_s"] > 0 and entry["time/update_s"] > 0 and min(parts) >= 0
+    assert sum(parts) <= entry["time/step_s"] + 0.01
+
+
 # --- math ---
 def test_gae_three_tokens_gamma_1_lam_095():
     # one response of 3 tokens and 1 padding position; reward only at the last token
@@ -208,6 +216,8 @@ def test_quick_test_writes_checkpoints_logs_and_validation(quick_run):
         assert all(math.isfinite(entry[key]) for key in UPDATE_KEYS)
         # undefined (all returns equal) is null, never a made-up 0.0
         assert entry["ppo/explained_variance"] is None or math.isfinite(entry["ppo/explained_variance"])
+        check_step_times(entry)
+        assert entry["time/reference_s"] > 0     # PPO always takes the reference pass (kl_coef > 0)
     assert updates[0]["ppo/value_loss"] > 0      # the value head fits the -0.2 rewards
     assert updates[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 1 samples from the SFT policy itself
     validation = [entry for entry in log if "val/exec_acc" in entry]

@@ -435,14 +435,19 @@ class PPOTrainer:
         values vs returns; NaN, logged null, when undefined), kl_coef (used this step),
         kl_per_completion (the summed KL per completion that the adaptive controller targets), returns_mean, values_mean,
         advantages_mean (before whitening), reward_running_mean/std, updates (mini-batch steps
-        taken), early_stopped; time/generate_s, time/step_s.
+        taken), early_stopped; where the step's time went (utils.rl.StepTimes's names):
+        time/generate_s, time/rewards_s, time/reference_s (the reference policy's pass),
+        time/update_s (the PPO epochs: forward, backward, optimizer), time/step_s (the whole step;
+        what the parts leave is the rollout's policy and value pass and GAE).
         """
         started = time.perf_counter()
         seed = self.hp.seed + 100_003 * step + 1_009 * self.accelerator.process_index  # per step and process
         kl_coef = self.kl_controller.value
         experience = self.collect(examples, seed, kl_coef)
-        generate_s = experience.pop("generate_s")
+        times = experience.pop("times")
+        update_started = time.perf_counter()
         stats = self.update(experience, seed)
+        times["time/update_s"] = time.perf_counter() - update_started
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # once per PPO step: early stopping makes the update count vary
         metrics = self.summarize(experience, stats)
@@ -450,7 +455,7 @@ class PPOTrainer:
         elapsed = time.perf_counter() - started
         generated_tokens = metrics.pop("generated_tokens")
         metrics.update({"learning_rate": learning_rate, "train/tokens_per_s": generated_tokens / elapsed,
-                        "ppo/kl_coef": kl_coef, "time/generate_s": generate_s, "time/step_s": elapsed})
+                        "ppo/kl_coef": kl_coef, **times, "time/step_s": elapsed})
         return metrics
 
     def collect(self, examples: list[dict], seed: int, kl_coef: float) -> dict:
@@ -460,8 +465,9 @@ class PPOTrainer:
         # --- rollout ---
         rollout = sample_rollout(model.policy, self.tokenizer, [e["prompt"] for e in examples], hp, seed,
                                  acc.device)
-        generate_s = time.perf_counter() - started
+        times = {"time/generate_s": time.perf_counter() - started, "time/reference_s": 0.0}
         results = [score(text, example, self.spec) for text, example in zip(rollout.texts, examples)]
+        times["time/rewards_s"] = time.perf_counter() - started - times["time/generate_s"]
         scores = torch.tensor([r.total for r in results], dtype=torch.float32, device=acc.device)
         mask, responses, length = rollout.mask, rollout.responses, rollout.response_length
         logprobs, ref_logprobs, values = [], [], []
@@ -471,8 +477,10 @@ class PPOTrainer:
                 logits, value = model(ids, attention, length)
                 logprobs.append(logprobs_from_logits(logits / hp.temperature, responses[rows]))
                 values.append(value.float())
+                reference_started = time.perf_counter()
                 ref_logits = model.reference_logits(ids, attention, length)
                 ref_logprobs.append(logprobs_from_logits(ref_logits / hp.temperature, responses[rows]))
+                times["time/reference_s"] += time.perf_counter() - reference_started
         logprobs, ref_logprobs, values = (torch.cat(x) for x in (logprobs, ref_logprobs, values))
 
         # --- rewards: normalized, clipped score + per-token KL penalty ---
@@ -490,7 +498,7 @@ class PPOTrainer:
         advantages, returns = compute_gae(rewards, values, mask, hp.gamma, hp.lam)
         return {"rollout": rollout, "results": results, "scores": scores, "logprobs": logprobs,
                 "values": values, "kl": kl, "raw_advantages": advantages, "advantages": masked_whiten(advantages, mask),
-                "returns": returns, "generate_s": generate_s}
+                "returns": returns, "times": times}
 
     def update(self, experience: dict, seed: int) -> dict[str, list[float]]:
         """ppo_epochs passes over num_mini_batches shuffled mini-batches; stops early once approx-KL

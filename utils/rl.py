@@ -217,6 +217,79 @@ class SampleLog:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+# --- where a step's time goes ----------------------------------------------------------------
+
+class StepTimes(training.TrainerCallback):
+    """Adds to each GRPO/RLOO training log entry where its optimizer steps' time went, in seconds per
+    step (averaged over the steps since the previous entry), with PPO's names (05 logs the same):
+
+        time/generate_s    sampling the completions (TRL's transformers.generate)
+        time/rewards_s     the reward functions
+        time/reference_s   the rest of TRL's input preparation: the reference policy's log-probs
+                           (none when beta is 0; the old policy's too when num_iterations > 1),
+                           tokenizing and batching
+        time/update_s      the policy's forward and backward passes over the micro-batches, and the
+                           optimizer step
+        time/step_s        the whole optimizer step
+
+    TRL times these stages itself (trl.extras.profiling.ProfilingContext) but hands the durations
+    only to wandb, MLflow or Trackio; one wrapper around ProfilingContext._log_metrics, installed
+    once per process, collects them here as well. List it first (the validation that other callbacks
+    run at a step's end is not step time), before the log callback.
+    """
+
+    _totals: dict = {}
+    _installed = False
+
+    def __init__(self, reward_names: Sequence[str]):
+        self.reward_names = set(reward_names)
+        self._steps, self._step_s, self._started = 0, 0.0, None
+        self._install()
+
+    @classmethod
+    def _install(cls) -> None:
+        from trl.extras.profiling import ProfilingContext
+
+        if cls._installed:
+            return
+        log_metrics = ProfilingContext._log_metrics
+
+        def record(context, duration):
+            name = context.name.split(".", 1)[-1]  # "GRPOTrainer.compute_loss" -> "compute_loss"
+            cls._totals[name] = cls._totals.get(name, 0.0) + duration
+            log_metrics(context, duration)
+
+        ProfilingContext._log_metrics = record
+        cls._installed = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if self._started is not None:
+            self._step_s += time.perf_counter() - self._started
+            self._steps += 1
+            self._started = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in (logs or {}) or not self._steps or not state.log_history:
+            return
+        totals, n = self._totals, self._steps
+        generate = totals.get("transformers.generate", 0.0)
+        rewards = sum(v for k, v in totals.items() if k in self.reward_names)
+        prepare = totals.get("_prepare_inputs", 0.0)  # includes generate and rewards
+        state.log_history[-1].update({
+            "time/generate_s": round(generate / n, 3), "time/rewards_s": round(rewards / n, 3),
+            "time/reference_s": round(max(prepare - generate - rewards, 0.0) / n, 3),
+            "time/update_s": round(max(self._step_s - prepare, 0.0) / n, 3), "time/step_s": round(self._step_s / n, 3)})
+        totals.clear()
+        self._steps, self._step_s = 0, 0.0
+
+
 # --- command line ------------------------------------------------------------------------------
 
 def argument_parser(description: str, method: str, quick_test: dict, quick_help: str):
@@ -369,6 +442,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
         functions, weights = reward_functions(spec, sample_log)
         callbacks, validation, checkpoints, log = trainer_callbacks(cfg, folder, method, tokenizer, val_rows, spec,
                                                                     resumed=resume_from is not None)
+        callbacks.insert(0, StepTimes([f.__name__ for f in functions]))  # first: validation is not step time
         inputs = dict(model=model, reward_funcs=functions, train_dataset=train, processing_class=tokenizer,
                       callbacks=callbacks)
         trainer = build_trainer(cfg, trainer_arguments(cfg, folder, weights), inputs, folder)
