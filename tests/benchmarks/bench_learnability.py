@@ -1,191 +1,285 @@
-"""Learnability: does each method raise val reward where the signal is learnable?
+"""Learnability: does each RL method raise the held-out sampled reward from a weak SFT start, on 2 CPU cores?
 
-    python tests/benchmarks/bench_learnability.py                           # all methods, default model
-    python tests/benchmarks/bench_learnability.py --methods grpo rloo --rl_steps 30 --seed 2
-    python tests/benchmarks/bench_learnability.py --report learn_s1         # the table of an earlier run
+    python tests/benchmarks/bench_learnability.py                          # all four methods, seed 1
+    python tests/benchmarks/bench_learnability.py --methods grpo --seed 2  # one method, another seed
+    python tests/benchmarks/bench_learnability.py --memory                 # + one float32 full-size step each
+    python tests/benchmarks/bench_learnability.py --report learn_s1        # the table of an earlier run
 
-On the synthetic FinQA-format set (templated questions whose numbers are in the context), a short SFT
-of the default model gives a policy that writes the JSON format but often the wrong program: room to
-learn (160 steps, seed 1: val exec_acc 0.43). From that one SFT checkpoint, each method trains for a
-fixed budget at one learning rate (--rl_steps optimizer steps of GRPO and RLOO, 4 prompts x 4 completions
-each, and of DPO, on pairs from candidates sampled by the same SFT policy; --ppo_steps PPO iterations
-of 8 prompts), and 10_evaluate scores the SFT start and
-each method's final checkpoint on the same --val_examples val examples with greedy decoding: the same
-protocol, examples and reward spec for every row. Printed per method: val reward_mean and exec_acc at
-the SFT start and at the end, the change, and the wall time. The final checkpoint is scored, not the
-best one (picking the best on these val examples would flatter every method).
+Start: a deliberately weak SFT of the default model on the FinQA sample's train split (--sft_steps 12
+of 4 examples), whose sampled answers are often not valid JSON: completions within a group then differ
+in reward and every method has a signal. From it each method trains on the same number of sampled
+completions (--completions, default 128): GRPO and RLOO 8 steps of 4 prompts x 4, PPO 16 iterations
+of 8 prompts, DPO on the pairs 08 builds from 32 train prompts x 4 candidates (04). Their learning
+rates are below (LEARNING_RATES, with the reason); everything else is the algorithm YAML's default.
 
-Every stage is one of the numbered scripts, run as a subprocess into outputs/<run_id>/ with its log in
-outputs/<run_id>/logs/; summary.json there holds the table, each method's row with its own budget. A rerun
-with the same seed, config, data size and SFT steps reuses the SFT start; with the same val examples too,
-it keeps the rows already there and (re)runs only the --methods given, so an interrupted benchmark
-continues. On 2 CPU cores the default budget takes about 1.5 hours (SFT 29 min, GRPO 14, RLOO 17,
-PPO 11, DPO 14 with its candidates, each evaluation about 1); the figures depend on the CPU load of
-other processes only through the wall times.
+Measured on all --val_examples (100) val prompts, at the start and at the end (the final checkpoint,
+not the best on val: picking on these prompts would flatter every method), by 10_evaluate.py: greedy,
+and --num_samples 4 samples per prompt at the training temperature (0.8, top_p 1.0). Printed per method:
+ - sampled reward_mean start -> end, and the paired difference with a 95 % bootstrap CI over prompts
+   (each prompt's mean over its samples, end minus start: the quantity RL optimizes);
+ - sampled format_rate start -> end; greedy format_rate, McNemar's p on greedy format (paired 0/1);
+ - greedy reward_mean, exec_acc (greedy, sampled) start -> end: not expected to move at this budget;
+ - KL to the reference at the end (nats per completion, from the training log) against the target
+   (configs/algorithms/ppo.yaml's target_kl, the project's one KL target); DPO: held-out preference
+   accuracy (the policy's own log-prob ranking of held-out pairs) before -> after;
+ - training wall time and the run's peak resident memory.
+Criterion (PASS): the sampled reward CI excludes 0 upward, sampled format_rate rises, KL <= target.
+--memory adds each method's peak resident memory over one full-size default step in float32 (the
+dtype of AVX2-only machines), which must stay under 12 GB. The RLOO variance check (REINFORCE vs the
+leave-one-out baseline on one batch from the same start) is tests/benchmarks/bench_rloo_variance.py
+--policy_ckpt outputs/<run_id>/03_sft, run as the last stage.
 
-What a CPU budget shows (seed 1): no method moves greedy val reward beyond noise. GRPO went 0.636 ->
-0.667 in 15 steps at lr 3e-5, 0.603 in 60 steps, 0.616 in 30 steps at lr 1e-4; its training reward
-rises, but that is mostly its sampling sharpening toward its own greedy answers. The measurement this
-benchmark is for needs a GPU: --rl_steps 200 --ppo_steps 100 --rl_learning_rate 1e-5 --num_examples 2000
---val_examples 200.
+Resumable: everything lives in outputs/<run_id>/ (stage logs in logs/); summary.json keeps the start
+and each finished method, so a rerun with the same setup skips them (--methods reruns the ones named
+only if --rerun). Wall times depend on the CPU: AVX512-BF16 machines run the default model in bf16,
+about twice as fast as AVX2-only ones in float32; the CPU flags are printed with the table.
 """
 import argparse
+import csv
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.benchmarks.stages import evaluate, run_stage  # noqa: E402
+from utils.comparison import mcnemar, paired_bootstrap_ci  # noqa: E402
 from utils.driver import METHOD_STAGES, METHODS  # noqa: E402  (method -> module folder, script)
-from utils.runs import read_jsonl  # noqa: E402
+from utils.runs import read_json  # noqa: E402
 
-# what defines the SFT start: a rerun with the same values reuses it; with the same val_examples
-# too, it also keeps the methods already scored
-SFT_KEYS = ("seed", "config", "num_examples", "sft_steps")
-START_KEYS = (*SFT_KEYS, "val_examples")
+# Per-method learning rates for a budget of ~10 optimizer steps (the YAMLs' 1e-5 / 5e-6 are for
+# hundreds): GRPO and RLOO take one Adam step per 16 completions, so 8 steps at 1e-4 move the
+# LoRA about as far as SFT's first steps (the issue's feasibility run: GRPO at 1e-4 raised valid
+# JSON 90 -> 99 % in 8 steps); PPO takes 8 clipped steps per rollout (4 epochs x 2 mini-batches),
+# 128 in all, so the YAML's 1e-5 already moves it as far; DPO sees each pair 3 times (epochs).
+LEARNING_RATES = {"grpo": 1e-4, "rloo": 1e-4, "ppo": 1e-5, "dpo": 5e-5}
+DPO_EPOCHS = 3
+COMPLETIONS_PER_STEP = {"grpo": 16, "rloo": 16, "ppo": 8}  # the YAML defaults: 4 prompts x 4, 8 prompts x 1
+CANDIDATES = 4  # DPO: 04's candidates per prompt
+SAMPLE = {"temperature": 0.8, "top_p": 1.0}  # the training temperature of GRPO, RLOO and PPO
+SETUP_KEYS = ("seed", "config", "data_root", "sft_steps", "completions", "val_examples", "num_samples")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="methods to (re)train and score (default: all four)")
+                        help="methods to train and score (default: all four)")
     parser.add_argument("--run_id", default=None, help="default: learn_s<seed>")
     parser.add_argument("--seed", type=int, default=1, help="seed of every stage (default: %(default)s)")
     parser.add_argument("--config", default="smollm2-135m", help="model config (default: %(default)s)")
-    parser.add_argument("--num_examples", type=int, default=600,
-                        help="synthetic examples, split 80/10/10 (default: %(default)s)")
-    parser.add_argument("--sft_steps", type=int, default=160,
-                        help="SFT steps of the start policy: short on purpose (default: %(default)s)")
-    parser.add_argument("--rl_steps", type=int, default=15,
-                        help="optimizer steps of GRPO, RLOO (4 prompts x 4 completions each) and DPO "
-                             "(default: %(default)s)")
-    parser.add_argument("--ppo_steps", type=int, default=8,
-                        help="PPO iterations (8 prompts each, so 8 see about as many prompts as 15 GRPO "
-                             "steps) (default: %(default)s)")
-    parser.add_argument("--rl_learning_rate", type=float, default=3e-5,
-                        help="every method's learning rate: the algorithm YAMLs' 1e-5 is for runs of hundreds "
-                             "of steps; a short budget needs a larger one (default: %(default)s)")
-    parser.add_argument("--val_examples", type=int, default=60,
-                        help="val examples scored at the start and the end (default: %(default)s)")
-    parser.add_argument("--dpo_prompts", type=int, default=96,
-                        help="train prompts whose sampled candidates make DPO's pairs (default: %(default)s)")
+    parser.add_argument("--data_root", default="datasets/finqa",
+                        help="raw FinQA folder, train/dev/test.json (default: %(default)s, the sample)")
+    parser.add_argument("--sft_steps", type=int, default=12,
+                        help="SFT steps of 4 examples for the weak start (default: %(default)s)")
+    parser.add_argument("--completions", type=int, default=128,
+                        help="sampled completions each method trains on (default: %(default)s)")
+    parser.add_argument("--val_examples", type=int, default=100, help="val prompts scored (default: %(default)s)")
+    parser.add_argument("--num_samples", type=int, default=4,
+                        help="sampled completions per val prompt (default: %(default)s)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also run one full-size default step per method in float32 and print its peak memory")
+    parser.add_argument("--rerun", action="store_true", help="retrain the --methods already in summary.json")
     parser.add_argument("--report", metavar="RUN_ID", help="only print the table of an earlier run")
     return parser.parse_args()
 
 
-def run_stage(name: str, argv: list[str], run_dir: Path) -> float:
-    """Run one numbered script, its output to logs/<name>.log; stop the benchmark if it fails."""
-    log = run_dir / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{name:<16} python {' '.join(argv)}", flush=True)
-    start = time.monotonic()
-    with open(log, "w", encoding="utf-8") as handle:
-        done = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    elapsed = time.monotonic() - start
-    if done.returncode != 0:
-        sys.exit(f"{name} failed (exit {done.returncode}) after {elapsed:.0f}s: see {log}")
-    print(f"{'':<16} done in {elapsed:.0f}s", flush=True)
-    return elapsed
+# --- measurements ---------------------------------------------------------------------------
+
+def per_prompt(run_dir: Path, name: str) -> dict[str, dict]:
+    """10_evaluate's breakdown.csv of policy `name`, by prompt id."""
+    with open(run_dir / "10_evaluation" / name / "breakdown.csv", newline="", encoding="utf-8") as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
 
 
-def evaluate(name: str, ckpt: Path, args, run_dir: Path, common: list[str]) -> dict:
-    """Greedy val metrics of one checkpoint (10_evaluate), and the wall time."""
-    elapsed = run_stage(f"10_{name}", ["10_evaluate.py", *common, "--policy_ckpt", str(ckpt),
-                                       "--test_jsonl", str(run_dir / "data" / "val.jsonl"),
-                                       "--max_examples", str(args.val_examples), "--policy_name", name], run_dir)
-    metrics = json.loads((run_dir / "10_evaluation" / name / "metrics.json").read_text())
-    return {key: metrics[key] for key in ("reward_mean", "exec_acc", "format_rate", "n_examples")} | {
-        "eval_s": round(elapsed, 1)}
+def paired_change(run_dir: Path, start: str, end: str, seed: int) -> dict:
+    """End minus start on the same prompts: sampled reward (mean, paired bootstrap CI) and greedy
+    format (McNemar: prompts only the end / only the start got right)."""
+    a, b = per_prompt(run_dir, end), per_prompt(run_dir, start)
+    ids = [i for i in a if i in b]
+    reward_end, reward_start = ([float(rows[i]["sampled_reward_mean"]) for i in ids] for rows in (a, b))
+    low, high = paired_bootstrap_ci(reward_end, reward_start, seed=seed, n_resamples=2000)
+    only_end, only_start, p = mcnemar([a[i]["format_valid"] == "True" for i in ids],
+                                      [b[i]["format_valid"] == "True" for i in ids])
+    return {"n_paired": len(ids), "sampled_reward_diff": (sum(reward_end) - sum(reward_start)) / len(ids),
+            "sampled_reward_diff_ci95": [low, high], "greedy_format_mcnemar": [only_end, only_start, p]}
 
 
-def example_rewards(run_dir: Path, name: str) -> dict:
-    """Each val example's reward in 10_evaluate's predictions of `name` (empty if not there)."""
-    path = run_dir / "10_evaluation" / name / "samples" / "predictions.jsonl"
-    return {row["id"]: row["reward"] for row in read_jsonl(path)} if path.is_file() else {}
+def final_kl(run_dir: Path, method: str) -> float | None:
+    """KL to the reference at the end, nats per completion, from the last training log entry: PPO's
+    ppo/kl_per_completion; GRPO/RLOO's per-token kl x mean completion length; DPO's kl (per sequence,
+    on its pairs)."""
+    module = METHOD_STAGES[method][0]
+    entries = [e for e in read_json(run_dir / module / "logs" / "training_log.json")["log_history"] if "loss" in e]
+    last = entries[-1] if entries else {}
+    if method == "ppo":
+        return last.get("ppo/kl_per_completion")
+    if method in ("grpo", "rloo") and last.get("kl") is not None:
+        return last["kl"] * last["completions/mean_length"]
+    return last.get("kl")
+
+
+def kl_target() -> float:
+    import yaml
+
+    return float(yaml.safe_load((ROOT / "configs" / "algorithms" / "ppo.yaml").read_text())["algorithm"]["target_kl"])
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def train(method: str, args, run_dir: Path, common: list, data_flags: list, sft: Path, extra=()) -> float:
+    """One method's training run on args.completions sampled completions; returns its wall seconds."""
+    module, script = METHOD_STAGES[method]
+    lr = ["--learning_rate", LEARNING_RATES[method]]
+    if method == "dpo":
+        prompts = args.completions // CANDIDATES
+        seconds = run_stage("04_candidates", [
+            "04_generate_candidates.py", *common, "--policy_ckpt", sft, "--split", "train", "--data_dir",
+            run_dir / "data", "--max_examples", prompts, "--num_candidates", CANDIDATES,
+            "--temperature", SAMPLE["temperature"], "--top_p", SAMPLE["top_p"], *data_flags[-2:]], run_dir)
+        seconds += run_stage("08_preferences", ["08_build_prefs.py", *common, "--candidates_dir",
+                                                run_dir / "04_candidates"], run_dir)
+        argv = [script, *common, "--policy_ckpt", sft, "--pairs", run_dir / "08_preferences" / "pairs.jsonl",
+                *data_flags[2:], "--epochs", DPO_EPOCHS, "--max_steps", -1, *lr]
+        return seconds + run_stage(module, [*argv, "--training.logging_steps", 1, *extra], run_dir)
+    steps = args.completions // COMPLETIONS_PER_STEP[method]
+    argv = [script, *common, "--policy_ckpt", sft, *data_flags, "--max_steps", steps, *lr,
+            "--validation.eval_steps", steps, "--validation.num_samples", 4, "--training.logging_steps", 1,
+            "--training.save_steps", steps]
+    return run_stage(module, [*argv, *extra], run_dir)
+
+
+def memory_probe(method: str, args, run_dir: Path, common: list, data_flags: list, sft: Path) -> float | None:
+    """Peak resident GB of one full-size default step in float32 (its own run id, nothing else kept)."""
+    probe = [*common[:-4], "--run_id", f"{run_dir.name}_mem_{method}", "--seed", args.seed]
+    module, script = METHOD_STAGES[method]
+    flags = ["--model.dtype", "float32", "--max_steps", 1, "--validation.eval_steps", 1,
+             "--validation.num_samples", 1, "--training.save_steps", 1]
+    if method == "dpo":
+        argv = [script, *probe, "--policy_ckpt", sft, "--pairs", run_dir / "08_preferences" / "pairs.jsonl",
+                *data_flags[2:], *flags]
+    else:
+        argv = [script, *probe, "--policy_ckpt", sft, *data_flags, *flags]
+    run_stage(f"mem_{method}", argv, run_dir)
+    return read_json(ROOT / "outputs" / f"{run_dir.name}_mem_{method}" / module / "manifest.json")["metrics"].get(
+        "peak_rss_gb")
+
+
+def cpu_flags() -> str:
+    done = subprocess.run("grep -o -w 'avx512_bf16\\|avx2' /proc/cpuinfo | sort -u", shell=True,
+                          capture_output=True, text=True)
+    return " ".join(done.stdout.split()) or "unknown"
+
+
+# --- the table --------------------------------------------------------------------------------
+
+TIME_PARTS = ("generate", "rewards", "reference", "update", "step")
+
+
+def step_times(run_dir: Path, method: str) -> dict:
+    """Mean seconds per step of each time/<part>_s in the method's training log (DPO logs none)."""
+    entries = [e for e in read_json(run_dir / METHOD_STAGES[method][0] / "logs" / "training_log.json")["log_history"]
+               if e.get("time/step_s") is not None]
+    return {part: sum(e[f"time/{part}_s"] for e in entries) / len(entries) for part in TIME_PARTS} if entries else {}
+
+
+def passed(row: dict, start: dict, target: float) -> bool:
+    """The criterion: sampled reward up (paired CI above 0), sampled format up, KL within the target."""
+    return (row["change"]["sampled_reward_diff_ci95"][0] > 0
+            and row["end"]["sampled_format_rate"] > start["sampled_format_rate"]
+            and (row["kl"] is None or row["kl"] <= target))
 
 
 def report(run_dir: Path) -> None:
-    """The table: per method, val reward_mean and exec_acc at the start and the end, and how many
-    val examples scored higher / lower than at the start (a paired view of the same examples: with
-    60 examples one exact answer moves reward_mean by about 0.02)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    start, setup = summary["sft_start"], summary["setup"]
-    start_rewards = example_rewards(run_dir, "sft_start")
-    print(f"\n{'method':<8} {'reward_mean start -> end':>26} {'change':>8} {'up/down':>8} "
-          f"{'exec_acc start -> end':>23} {'format end':>10} {'steps':>6} {'lr':>8} {'train s':>8}")
+    summary = read_json(run_dir / "summary.json")
+    start, setup, target = summary["start"], summary["setup"], kl_target()
+    width = lambda m, key: m[f"{key}_ci95"][1] - m[f"{key}_ci95"][0]  # noqa: E731
+    arrow = lambda key, end, digits=3: f"{start[key]:.{digits}f} -> {end[key]:.{digits}f}"  # noqa: E731
+    print(f"\nStart (weak SFT, {setup['sft_steps']} steps) on {start['n_examples']} val prompts: sampled reward "
+          f"{start['sampled_reward_mean']:.3f} (95% CI width {width(start, 'sampled_reward_mean'):.3f}), greedy "
+          f"{start['reward_mean']:.3f} (CI width {width(start, 'reward_mean'):.3f}); format sampled "
+          f"{start['sampled_format_rate']:.3f}, greedy {start['format_rate']:.3f}; exec_acc sampled "
+          f"{start['sampled_exec_acc']:.3f}, greedy {start['exec_acc']:.3f}")
+    print(f"\n{'method':<6} {'lr':>7}  {'sampled reward':<16} {'diff [95% CI]':<26} {'sampled format':<16} "
+          f"{'greedy format':<16} {'McNemar p':>9}  {'greedy reward':<18} {'exec_acc greedy':<16} "
+          f"{'exec_acc sampled':<16} {'KL':>6} {'pref acc':>12}  verdict")
     for method, row in summary["methods"].items():
-        steps, lr = (row.get(key, setup.get(key)) for key in ("rl_steps", "rl_learning_rate"))
-        end_rewards = example_rewards(run_dir, method)
-        shared = [i for i in end_rewards if i in start_rewards]
-        up = sum(end_rewards[i] > start_rewards[i] + 1e-9 for i in shared)
-        down = sum(end_rewards[i] < start_rewards[i] - 1e-9 for i in shared)
-        print(f"{method:<8} {start['reward_mean']:>12.3f} -> {row['reward_mean']:>9.3f} "
-              f"{row['reward_mean'] - start['reward_mean']:>+8.3f} {f'{up}/{down}' if shared else '-':>8} "
-              f"{start['exec_acc']:>10.3f} -> {row['exec_acc']:>8.3f} {row['format_rate']:>10.3f} {steps:>6} "
-              f"{lr:>8} {row['train_s']:>8.0f}")
-    print(f"\nSFT start: {setup['sft_steps']} SFT steps, format_rate {start['format_rate']:.3f}; "
-          f"{start['n_examples']} val examples, greedy; seed {setup['seed']}; synthetic set of "
-          f"{setup['num_examples']}; model {setup['config']}\nrun: {run_dir}")
+        end, change = row["end"], row["change"]
+        low, high = change["sampled_reward_diff_ci95"]
+        kl = "-" if row["kl"] is None else f"{row['kl']:.2f}"
+        pref = "-" if not row.get("pref_acc") else f"{row['pref_acc'][0]:.2f} -> {row['pref_acc'][1]:.2f}"
+        print(f"{method:<6} {row['learning_rate']:>7.0e}  {arrow('sampled_reward_mean', end):<16} "
+              f"{change['sampled_reward_diff']:+.3f} [{low:+.3f}, {high:+.3f}]{'':<3} "
+              f"{arrow('sampled_format_rate', end):<16} {arrow('format_rate', end):<16} "
+              f"{change['greedy_format_mcnemar'][2]:>9.3g}  {arrow('reward_mean', end):<18} "
+              f"{arrow('exec_acc', end, 2):<16} {arrow('sampled_exec_acc', end):<16} {kl:>6} {pref:>12}  "
+              f"{'PASS' if passed(row, start, target) else 'FAIL'}")
+    print(f"\n{'method':<6} {'train s':>8} {'s/step':>7} {'generate':>9} {'rewards':>8} {'reference':>10} "
+          f"{'update':>7} {'peak GB':>8} {'fp32 step GB':>13}")
+    for method, row in summary["methods"].items():
+        times = row.get("step_times") or {}
+        cells = " ".join(f"{times[p]:>{w}.1f}" if p in times else f"{'-':>{w}}"
+                         for p, w in (("step", 7), ("generate", 9), ("rewards", 8), ("reference", 10), ("update", 7)))
+        fp32 = row.get("float32_peak_rss_gb")
+        print(f"{method:<6} {row['train_s']:>8.0f} {cells} {row.get('peak_rss_gb') or float('nan'):>8.2f} "
+              f"{'-' if fp32 is None else f'{fp32:.2f}':>13}")
+    print(f"\nPASS: sampled reward's paired 95% CI above 0, sampled format up, KL (nats per completion, last "
+          f"training log) <= {target:g} (ppo.yaml's target_kl). {setup['completions']} sampled completions per "
+          f"method; evaluation greedy + {setup['num_samples']} samples per prompt at temperature "
+          f"{SAMPLE['temperature']}; seed {setup['seed']}; model {setup['config']}; dtype {summary.get('dtype')}; "
+          f"CPU flags: {summary.get('cpu_flags')}.\nStep times are seconds per optimizer step (PPO: per "
+          f"iteration); peak GB: the training run's peak resident memory; fp32 step GB: one full-size default "
+          f"step in float32 (--memory).\nrun: {run_dir}")
 
 
 def main(args) -> int:
-    run_id = args.run_id or f"learn_s{args.seed}"
-    run_dir = ROOT / "outputs" / run_id
     if args.report:
         report(ROOT / "outputs" / args.report)
         return 0
-    common = ["--config", args.config, "--run_id", run_id, "--seed", str(args.seed)]
+    run_id = args.run_id or f"learn_s{args.seed}"
+    run_dir = ROOT / "outputs" / run_id
+    common = ["--config", args.config, "--run_id", run_id, "--seed", args.seed]
     data = run_dir / "data"
-    spec = str(run_dir / "02_rewards" / "reward_spec.yaml")
-    data_flags = ["--train_jsonl", str(data / "train.jsonl"), "--val_jsonl", str(data / "val.jsonl"),
-                  "--reward_spec", spec]
+    spec = run_dir / "02_rewards" / "reward_spec.yaml"
+    data_flags = ["--train_jsonl", data / "train.jsonl", "--val_jsonl", data / "val.jsonl", "--reward_spec", spec]
     sft = run_dir / "03_sft" / "ckpt_sft" / "final"
-    setup = {key: getattr(args, key) for key in START_KEYS}
+    setup = {key: getattr(args, key) for key in SETUP_KEYS}
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    same = lambda keys: summary is not None and all(summary["setup"].get(k) == setup[k] for k in keys)  # noqa: E731
-    if same(SFT_KEYS) and sft.is_dir():
-        print(f"reusing the SFT start of {run_dir} (same {', '.join(SFT_KEYS)})", flush=True)
-    else:
-        run_stage("01_synthetic", ["01_prepare_dataset.py", *common, "--dataset", "synthetic",
-                                   "--num_examples", str(args.num_examples), "--output_dir", str(data)], run_dir)
+    summary = read_json(summary_path) if summary_path.is_file() else None
+    if summary is None or summary["setup"] != setup or not sft.is_dir():
+        run_stage("01_data", ["01_prepare_dataset.py", *common, "--dataset", "finqa", "--data_root", args.data_root,
+                              "--output_dir", data], run_dir)
         run_stage("02_rewards", ["02_build_rewards.py", *common], run_dir)
-        # one validation, at the end, on a few examples: the start is measured by 10_evaluate below
-        run_stage("03_sft", ["03_sft_train.py", *common, *data_flags, "--max_steps", str(args.sft_steps),
-                             "--validation.eval_steps", str(args.sft_steps), "--validation.num_samples", "8"],
-                  run_dir)
-        summary = None
-    if summary is not None and same(START_KEYS):
-        print(f"methods already scored on the same {args.val_examples} val examples: "
-              f"{', '.join(summary['methods']) or 'none'}", flush=True)
+        run_stage("03_sft", ["03_sft_train.py", *common, *data_flags, "--max_steps", args.sft_steps,
+                             "--validation.eval_steps", args.sft_steps, "--validation.num_samples", 4,
+                             "--training.save_steps", args.sft_steps], run_dir)
+        start = evaluate("start", sft, run_dir, common, data / "val.jsonl", args.val_examples,
+                         args.num_samples, **SAMPLE)
+        summary = {"setup": setup, "cpu_flags": cpu_flags(), "dtype": start["dtype"], "start": start, "methods": {}}
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     else:
-        summary = {"setup": setup, "sft_start": evaluate("sft_start", sft, args, run_dir, common), "methods": {}}
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"reusing the start of {run_dir}; methods done: {', '.join(summary['methods']) or 'none'}", flush=True)
     for method in args.methods:
-        module, script = METHOD_STAGES[method]
-        steps = args.ppo_steps if method == "ppo" else args.rl_steps
-        rl_flags = ["--max_steps", str(steps), "--learning_rate", str(args.rl_learning_rate),
-                    "--validation.eval_steps", str(steps), "--validation.num_samples", "8"]
-        if method == "dpo":
-            run_stage("04_candidates", ["04_generate_candidates.py", *common, "--policy_ckpt", str(sft),
-                                        "--split", "train", "--data_dir", str(data), "--max_examples",
-                                        str(args.dpo_prompts), "--reward_spec", spec], run_dir)
-            run_stage("08_preferences", ["08_build_prefs.py", *common,
-                                         "--candidates_dir", str(run_dir / "04_candidates")], run_dir)
-            argv = [script, "--base_or_sft_ckpt", str(sft), "--pairs",
-                    str(run_dir / "08_preferences" / "pairs.jsonl"), "--val_jsonl", str(data / "val.jsonl"),
-                    "--reward_spec", spec]
-        else:
-            argv = [script, "--policy_ckpt", str(sft), *data_flags]
-        train_s = run_stage(module, [*argv, *common, *rl_flags], run_dir)
+        if method in summary["methods"] and not args.rerun:
+            continue
+        train_s = train(method, args, run_dir, common, data_flags, sft)
+        module = METHOD_STAGES[method][0]
         final = run_dir / module / f"ckpt_{method}" / "final"
-        budget = {"rl_steps": steps, "rl_learning_rate": args.rl_learning_rate,
-                  **({"dpo_prompts": args.dpo_prompts} if method == "dpo" else {})}
-        summary["methods"][method] = evaluate(method, final, args, run_dir, common) | {
-            "train_s": round(train_s, 1), **budget}
+        end = evaluate(method, final, run_dir, common, data / "val.jsonl", args.val_examples, args.num_samples,
+                       **SAMPLE)
+        manifest = read_json(run_dir / module / "manifest.json")["metrics"]
+        row = {"learning_rate": LEARNING_RATES[method], "train_s": round(train_s, 1), "end": end,
+               "change": paired_change(run_dir, "start", method, args.seed), "kl": final_kl(run_dir, method),
+               "peak_rss_gb": manifest.get("peak_rss_gb"), "step_times": step_times(run_dir, method)}
+        if method == "dpo":
+            row["pref_acc"] = [manifest.get("holdout_pref_acc_before"), manifest.get("holdout_logp_acc_after")]
+        summary["methods"][method] = row
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.memory:
+        for method in args.methods:
+            summary["methods"][method]["float32_peak_rss_gb"] = memory_probe(method, args, run_dir, common,
+                                                                            data_flags, sft)
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     report(run_dir)
     return 0
 
