@@ -420,6 +420,8 @@ def test_conclusions_name_no_best_method_when_all_tie_at_zero():
     text = "\n".join(conclusions(summary, seeds, [], "sft"))
     assert "Best method" not in text and "every method has exec_acc 0.000 (no test item solved" in text
     assert "exec_acc per compute hour is 0 for all" in text
+    # a newcomer whose methods all tie learns where to look next, and what it costs
+    assert "python tests/benchmarks/bench_learnability.py" in text and "min on 2 CPU cores" in text
 
 
 def test_conclusions_rank_and_efficiency():
@@ -429,5 +431,6 @@ def test_conclusions_rank_and_efficiency():
     seeds = [{"method": r["method"], "exec_acc_mean": r["exec_acc"], "n_policies": 1} for r in summary]
     text = "\n".join(conclusions(summary, seeds, [], "sft"))
     assert "Best method by exec_acc: **grpo** (0.500)." in text
+    assert "bench_learnability" not in text
     # exec_acc per hour: sft 0.25 / 0.5 = 0.5, grpo 0.5 / 2 = 0.25
     assert "Efficiency: sft gives the most exec_acc per training compute hour (0.5 per hour on cpu)" in text

@@ -284,7 +284,7 @@ def test_readme_text():
             "git_commit": "abc"}
     text = driver.readme_text(info, stages, SUMMARY_CSV)
     for part in ("# Run r1", "Goal: compare GRPO", "| seeds | 42 |", "| context mode | retrieved |",
-                 "| quick_test | yes", "python 03_sft_train.py --output_dir out/r1/03_sft", "| sft | sft | 42 |",
+                 "| quick_test | yes", "python tests/benchmarks/bench_learnability.py", "python 03_sft_train.py --output_dir out/r1/03_sft", "| sft | sft | 42 |",
                  "[11_comparison/report.md](11_comparison/report.md)", "| git commit | abc |"):
         assert part in text, part
     assert "Not available yet" in driver.readme_text(info, stages, None)

@@ -36,6 +36,11 @@ SEED_METRICS = ("exec_acc", "prog_acc", "format_rate", "reward_mean")
 RATES = ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "valid_program_rate")
 # 10_evaluate.py --num_samples K: its sampling settings (num_samples 0: greedy only) and sampled metrics (means
 # over prompts of the per-prompt mean over K samples; pass@k: share of prompts with an exec-correct sample)
+# Where a newcomer whose methods all tie (the main job's --quick_test) looks next: the benchmark that
+# shows whether each method learns at all, and what it costs (README, Benchmarks)
+LEARNABILITY_HINT = ("whether each method learns at all is what `python tests/benchmarks/bench_learnability.py` "
+                     "shows (every method on the same sampled completions from a weak SFT start, sampled reward "
+                     "on 100 val prompts with paired CIs; about 120 min on 2 CPU cores)")
 SAMPLING = ("num_samples", "sample_temperature", "sample_top_p")
 SAMPLED = ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k")
 SUMMARY_COLUMNS = ["run", "policy", "method", "seed", "model", "context_mode", "dataset_source", "n", "exec_acc",
@@ -275,7 +280,7 @@ def conclusions(summary: list[dict], seeds: list[dict], paired: list[dict], base
     if len(ties) == len(ranked) - 1 > 0:  # no ranking to report: "best: base, tied with all" would read as one
         out.append(f"No method stands out: every method has exec_acc {fmt(best['exec_acc_mean'])}"
                    + (" (no test item solved; a smoke-sized run such as --quick_test is expected to end here)"
-                      if best["exec_acc_mean"] == 0 else "") + ".")
+                      if best["exec_acc_mean"] == 0 else "") + f"; {LEARNABILITY_HINT}.")
     else:
         out.append(f"Best method by exec_acc: **{best['method']}** ({fmt(best['exec_acc_mean'])}"
                    + (f", mean of {best['n_policies']} seeds" if best["n_policies"] > 1 else "") + ")"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.cli import UsageError
+from utils.comparison import LEARNABILITY_HINT
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 # method -> (module folder, script); the folder names are DESIGN.md's
@@ -318,7 +319,7 @@ def readme_text(info: dict, stages: list[Stage], summary_csv: str | None) -> str
     """outputs/<run>/README.md: goal, configuration, the commands run and the results summary."""
     methods = ", ".join(m.upper() for m in info["methods"])
     quick = ("yes: a smoke run on small subsets with a few steps; its numbers say the pipeline works, "
-             "not how the methods compare" if info["quick_test"] else "no")
+             f"not how the methods compare: {LEARNABILITY_HINT}" if info["quick_test"] else "no")
     lines = [
         f"# Run {info['run_id']}", "",
         f"Goal: compare {methods} fine-tuning of {info['model']} on {info['dataset']} program generation, every "
