@@ -1,8 +1,9 @@
 """The FinQA program DSL: tokenize, execute and compare programs like the official scorer.
 
 The reference is `code/evaluate/evaluate.py` of czyssrs/FinQA. Execution accuracy and program
-accuracy here give the same verdict as its `eval_program` and `equal_program` on every input,
-quirks included, because published FinQA numbers are computed with them:
+accuracy here give the same verdict as its `eval_program` and `equal_program` on every input (but
+for one bound on model output, below), quirks included, because published FinQA numbers are
+computed with them:
 
 - numbers parse with Python's `float` after removing commas; "5%" is 0.05; `const_N` is N and
   `const_m1` is -1; anything else (even "$ 3") is invalid as an argument. Table cells are more
@@ -15,6 +16,12 @@ quirks included, because published FinQA numbers are computed with them:
   simplified expressions. Table steps are symbols keyed by their text *including* the "|"
   separators the official joins with, so a table step matches only at the same position kind
   (first step vs later step), exactly as the official scorer behaves.
+- the one bound on model output: sympy's time grows without limit on some short programs (a
+  power tower exp(#0, #0), exp(#1, #1)... of 14 steps took 30 s). Expressions of add, subtract,
+  multiply and divide are first compared exactly modulo a large prime (different values: different
+  rational functions, which no simplification makes equal), without sympy; a prediction this test
+  cannot decide (exp, greater) with more than MAX_SYMBOLIC_STEPS steps (or the gold's + 2, if
+  more) counts as not equivalent. No FinQA gold program comes near that length.
 
 Model output is untrusted: nothing here calls eval(). Arithmetic runs on Python floats, whose
 `**` raises OverflowError instead of growing without bound, and every error (division by zero,
@@ -25,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import random
 
 import sympy
 
@@ -209,6 +217,15 @@ _SYMPY_OPS = {"add": operator.add, "subtract": operator.sub, "multiply": operato
               "divide": operator.truediv, "exp": operator.pow, "greater": sympy.StrictGreaterThan}
 
 
+MAX_SYMBOLIC_STEPS = 8  # module docstring: exp8 towers take ~1 s of sympy, exp10 2 s, exp14 30 s
+# Equal rational functions have equal values modulo a prime wherever no denominator vanishes: different
+# values prove two expressions different (equal ones go on to sympy, which gives the official verdict).
+_PRIME = 2**61 - 1
+_MODULAR = {"add": lambda x, y: (x + y) % _PRIME, "subtract": lambda x, y: (x - y) % _PRIME,
+            "multiply": lambda x, y: x * y % _PRIME,
+            "divide": lambda x, y: x * pow(y, -1, _PRIME) % _PRIME if y else None}
+
+
 @functools.lru_cache(maxsize=65536)
 def _simplified(expression):
     return sympy.simplify(expression)
@@ -218,6 +235,9 @@ def _symbolic(steps: list[str], symbols: dict) -> sympy.Basic:
     """The expression of the last step, built from symbols (official `symbol_recur`)."""
     by_index = dict(enumerate(steps))  # a dict, as the official's: "#-1" is a missing step
 
+    # cached per step: the official recursion rebuilds a step once per reference to it, 2^n times for
+    # n steps that each use the previous one twice (add(#0, #0), add(#1, #1), ...): model output may
+    @functools.lru_cache(maxsize=None)
     def build(step: str):
         op, arg1, arg2 = _parse_step(step)
         if "table" in op:
@@ -225,6 +245,22 @@ def _symbolic(steps: list[str], symbols: dict) -> sympy.Basic:
         parts = [build(by_index[_reference(arg)]) if "#" in arg else symbols[arg] for arg in (arg1, arg2)]
         return _SYMPY_OPS[op](*parts)
     return build(steps[-1])
+
+
+def _residue(steps: list[str], symbols: dict) -> int | None:
+    """The last step's value modulo _PRIME with every symbol at a fixed pseudo-random residue, or None
+    where it is no rational function's value (exp, greater, a division by zero there)."""
+    by_index = dict(enumerate(steps))
+    point = {key: random.Random(symbol.name).randrange(2, _PRIME) for key, symbol in symbols.items()}
+
+    @functools.lru_cache(maxsize=None)
+    def value(step: str):
+        op, arg1, arg2 = _parse_step(step)
+        if "table" in op:
+            return point[step]
+        x, y = (value(by_index[_reference(arg)]) if "#" in arg else point[arg] for arg in (arg1, arg2))
+        return None if x is None or y is None or op not in _MODULAR else _MODULAR[op](x, y)
+    return value(steps[-1])
 
 
 def equivalent_tokens(pred_tokens: list[str], gold_tokens: list[str]) -> bool:
@@ -257,6 +293,12 @@ def equivalent_tokens(pred_tokens: list[str], gold_tokens: list[str]) -> bool:
                         return False
                 elif arg not in symbols:
                     return False
+        residues = (_residue(pred_steps, symbols), _residue(gold_steps, symbols))
+        if None not in residues:
+            if residues[0] != residues[1]:
+                return False  # different rational functions
+        elif len(pred_steps) > max(MAX_SYMBOLIC_STEPS, len(gold_steps) + 2):
+            return False  # the bound of the module docstring
         return _simplified(_symbolic(pred_steps, symbols)) == gold_expression
     except Exception:
         return False
