@@ -8,8 +8,9 @@ unique, table shapes, and every gold program executes to its `exe_ans` under the
 FinQA rules (utils/finqa_program.py). Statistics: question and context lengths in words and in
 tokens of the configured model's tokenizer, op distribution, program steps. Writes
 outputs/<run_id>/00_data_validation/{summary.json, samples.json, manifest.json}.
-Exit status: 1 when a file is missing or corrupt, 1 with --strict when a gold program does
-not execute to its exe_ans; otherwise 0 (mismatches are reported).
+Exit status: 2 when a file is missing or corrupt (one error line naming it), 1 with --strict
+when a gold program does not execute to its exe_ans; otherwise 0 (schema problems, a NaN
+exe_ans among them, and mismatches are reported in summary.json).
 """
 from __future__ import annotations
 

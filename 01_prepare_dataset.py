@@ -6,7 +6,9 @@
 
 FinQA: datasets/finqa/{train,dev,test}.json -> datasets/finqa_processed/{train,val,test}.jsonl
 (dev becomes val). Synthetic: utils/synthetic.py -> datasets/synthetic_processed/. Each line has
-the fields of DESIGN.md (prompt/completion in TRL's conversational format). Context modes:
+the fields of DESIGN.md (prompt/completion in TRL's conversational format). A FinQA example that
+breaks the schema (utils.data.validate_example: a missing or mistyped field, a NaN exe_ans) stops
+the run with an error naming it, before anything is written. Context modes:
 retrieved (qa.model_input, non-oracle), gold (qa.gold_inds, an ORACLE: label results so), full
 (pre_text, table, post_text cut to --max_prompt_tokens with the model's tokenizer; 0 = no cut).
 Here --output_dir is the JSONL folder. manifest.json (counts, sha256 of each file) is written
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from utils import config as config_lib
 from utils import cli, runs
-from utils.data import CONTEXT_MODES, DataError, build_context, load_finqa_split, to_processed
+from utils.data import CONTEXT_MODES, GET_DATA_HINT, NOTE_PREFIX, DataError, build_context, load_finqa_split, \
+    to_processed, validate_example
 from utils.finqa_program import exec_correct
 
 MODULE = "01_preprocessing"
@@ -60,9 +63,24 @@ def load_raw_splits(args, seed: int, manifest) -> dict[str, list]:
     splits = {}
     for raw_split, split in RAW_TO_PROCESSED.items():
         path = Path(args.data_root) / f"{raw_split}.json"
-        splits[split] = load_finqa_split(path)
+        splits[split] = require_valid(path, load_finqa_split(path))
         manifest.add_input(raw_split, path)
     return splits
+
+
+def require_valid(path: Path, examples: list) -> list:
+    """The examples of one FinQA file, or a DataError naming the first broken example and its fields:
+    a corrupt file must not become a smaller processed split (evaluation must see every example)."""
+    broken = [(position, raw, problems) for position, raw in enumerate(examples)
+              if (problems := [p for p in validate_example(raw) if not p.startswith(NOTE_PREFIX)])]
+    if broken:
+        position, raw, problems = broken[0]
+        example_id = repr(raw.get("id") if isinstance(raw, dict) else None)[:60]
+        more = f" (and {len(broken) - 1} more broken examples)" if len(broken) > 1 else ""
+        raise DataError(f"{path}: example {position} (id {example_id}): {'; '.join(problems)}{more}. List every "
+                        f"problem with python 00_check_data.py --data_root {path.parent}; re-download the data "
+                        f"with {GET_DATA_HINT}")
+    return examples
 
 
 def load_tokenizer_for_full(cfg, max_prompt_tokens: int):

@@ -12,6 +12,7 @@ failure category; the expected total is derived from the spec's weights, so the 
 for any weights. `expected_total_default` is the hand-computed total under the seed weights.
 """
 import argparse
+import math
 from dataclasses import asdict, fields, replace
 
 import yaml
@@ -132,8 +133,8 @@ def parse_settings(settings: list[str], base: RewardSpec) -> RewardSpec:
             raise cli.UsageError(f"--set {setting!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
         value = yaml.safe_load(text)
         wanted = bool if types[key] == "bool" else (int, float)
-        if not isinstance(value, wanted) or (wanted != bool and isinstance(value, bool)):
-            raise cli.UsageError(f"--set {setting!r}: {key} must be {types[key]}")
+        if not isinstance(value, wanted) or (wanted != bool and (isinstance(value, bool) or not math.isfinite(value))):
+            raise cli.UsageError(f"--set {setting!r}: {key} must be {types[key]} (finite)")
         changes[key] = value
     return replace(base, **changes)
 

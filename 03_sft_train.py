@@ -21,6 +21,7 @@ from pathlib import Path
 
 from utils import cli, runs, training
 from utils import config as config_lib
+from utils.data import REWARD_FIELDS, read_processed
 
 MODULE = "03_sft"
 # --quick_test: tiny settings that explicit flags still override. 12 steps of 4 is about what the default
@@ -55,17 +56,12 @@ def parse_args(argv=None):
     return parser.parse_known_args(argv)
 
 
-def load_split(path: Path, limit: int | None) -> list[dict]:
+def load_split(path: Path, limit: int | None, required: tuple) -> list[dict]:
+    """The first `limit` rows of a processed split, each with the `required` fields (utils.data.read_processed)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run python 01_prepare_dataset.py first (or pass "
                                 f"--train_jsonl/--val_jsonl FILE, or --paths.data_dir FOLDER)")
-    rows = runs.read_jsonl(path)
-    if not rows:
-        raise cli.UsageError(f"{path} holds no examples: rerun python 01_prepare_dataset.py")
-    missing = [name for name in ("prompt", "completion") if name not in rows[0]]
-    if missing:
-        raise cli.UsageError(f"{path}: examples lack {missing}; it is not a processed file from "
-                             f"01_prepare_dataset.py")
+    rows = read_processed(path, required)
     return rows[:limit] if limit else rows
 
 
@@ -91,8 +87,11 @@ def main(args, extra_tokens=()) -> dict:
 
     with runs.Manifest(folder, MODULE, args, cfg) as manifest:
         # --- data ---
-        train_rows = load_split(train_path, args.max_train_examples or (QUICK_TRAIN_EXAMPLES if args.quick_test else None))
-        val_rows = load_split(val_path, args.max_val_examples)[:cfg["validation"]["num_samples"]]
+        train_limit = args.max_train_examples or (QUICK_TRAIN_EXAMPLES if args.quick_test else None)
+        train_rows = load_split(train_path, train_limit, ("id", "prompt", "completion"))
+        # val: the eval loss needs the completion, the generation-based validation the reward fields
+        val_rows = load_split(val_path, args.max_val_examples, ("id", "prompt", "completion", *REWARD_FIELDS))
+        val_rows = val_rows[:cfg["validation"]["num_samples"]]
         manifest.add_input("train", train_path)
         manifest.add_input("val", val_path)
         spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from utils import cli, runs
 from utils import config as config_lib
+from utils.data import read_processed
 from utils.generation import generate
 from utils.modeling import load_model, load_tokenizer, resolve_checkpoint, resolve_model_path
 from utils.rewards import extract_response, score
@@ -100,7 +101,7 @@ def main(args, extra_tokens=()) -> dict:
         if not data_path.is_file():
             raise FileNotFoundError(f"{data_path} not found: run `python 01_prepare_dataset.py` first "
                                  f"(or pass --data_dir FOLDER holding {args.split}.jsonl)")
-        examples = runs.read_jsonl(data_path)[:max_examples]
+        examples = read_processed(data_path)[:max_examples]  # prompts and what the reward reads
         manifest.add_input("data", data_path)
         spec, spec_path = resolve_reward_spec(args.reward_spec, cfg, args.run_id)
         if spec_path is not None:

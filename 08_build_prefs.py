@@ -16,6 +16,7 @@ manifest.json. Pair selection is deterministic; --seed is recorded only.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,7 +27,31 @@ from utils.preferences import build_pairs, histogram_text
 
 MODULE = "08_preferences"
 RECOMMENDED_PAIRS = 10_000  # the seed's target: fewer pairs give a noisy DPO signal
-SCORE_FIELDS = ("id", "candidate", "completion", "total", "exact_match", "format_valid")
+RERUN = "rerun `python 04_generate_candidates.py`"
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:  # json reads NaN and Infinity as floats: no reward is either
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What 08 reads of each line of 04's files, with the type it must hold: (check, description)
+CANDIDATE_FIELDS = {
+    "id": (_is_id, "a string"),
+    "prompt": (lambda v: isinstance(v, (list, str)), "a list of messages or a text"),
+    "completions": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of texts"),
+}
+SCORE_FIELDS = {
+    "id": (_is_id, "a string"),
+    "candidate": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a candidate index"),
+    "completion": (lambda v: isinstance(v, str), "a text"),
+    "total": (_is_number, "a finite number"),
+    "exact_match": (lambda v: isinstance(v, bool), "true or false"),
+    "format_valid": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def parse_args(argv=None):
@@ -44,27 +69,46 @@ def parse_args(argv=None):
 
 # --- helpers ---
 
+def read_rows(path: Path, fields: dict, what: str) -> list[tuple[int, dict]]:
+    """(line, row) of one of 04's files: not empty, every row with `fields` of their types. Errors name the
+    file, the line and the field."""
+    numbered = runs.read_jsonl_numbered(path, writer="04_generate_candidates.py")
+    if not numbered:
+        raise cli.UsageError(f"{path} holds no {what}: {RERUN}")
+    for line, row in numbered:
+        if missing := [field for field in fields if field not in row]:
+            raise cli.UsageError(f"{path}: line {line} lacks {', '.join(missing)}; {RERUN}")
+        for field, (check, wanted) in fields.items():
+            if not check(row[field]):
+                raise cli.UsageError(f"{path}: line {line}: {field} should be {wanted}, got {repr(row[field])[:60]}; "
+                                     f"{RERUN}")
+    return numbered
+
+
 def load_candidates(folder: Path) -> tuple[list[dict], dict[str, list[dict]]]:
-    """(prompt rows of candidates.jsonl, {prompt id: its scored candidates in candidate order})."""
+    """(prompt rows of candidates.jsonl, {prompt id: its scored candidates in candidate order}); every
+    candidate must have exactly one score."""
     paths = {name: folder / f"{name}.jsonl" for name in ("candidates", "scores")}
     for path in paths.values():
         if not path.is_file():
             raise cli.UsageError(f"{path} not found: run `python 04_generate_candidates.py` first "
                                   f"(or pass --candidates_dir FOLDER holding candidates.jsonl and scores.jsonl)")
-    prompts = runs.read_jsonl(paths["candidates"])
+    prompts = [row for _, row in read_rows(paths["candidates"], CANDIDATE_FIELDS, "prompts")]
     completions = {row["id"]: row["completions"] for row in prompts}
-    scored = defaultdict(list)
-    for line, row in enumerate(runs.read_jsonl(paths["scores"]), start=1):
-        missing = [field for field in SCORE_FIELDS if field not in row]
-        if missing:
-            raise cli.UsageError(f"{paths['scores']}: line {line} lacks {', '.join(missing)}; "
-                                  f"rerun `python 04_generate_candidates.py`")
+    scored, seen = defaultdict(list), set()
+    for line, row in read_rows(paths["scores"], SCORE_FIELDS, "scored candidates"):
         texts = completions.get(row["id"])
-        if texts is None or not 0 <= row["candidate"] < len(texts) or texts[row["candidate"]] != row["completion"]:
+        if texts is None or not row["candidate"] < len(texts) or texts[row["candidate"]] != row["completion"]:
             raise cli.UsageError(f"{paths['scores']}: line {line} (id {row['id']!r}, candidate {row['candidate']}) "
-                                  f"does not match {paths['candidates']}: the files come from different runs; "
-                                  f"rerun `python 04_generate_candidates.py`")
+                                  f"does not match {paths['candidates']}: the files come from different runs; {RERUN}")
+        if (row["id"], row["candidate"]) in seen:
+            raise cli.UsageError(f"{paths['scores']}: line {line}: candidate {row['candidate']} of id {row['id']!r} "
+                                 f"is scored twice; {RERUN}")
+        seen.add((row["id"], row["candidate"]))
         scored[row["id"]].append(row)
+    if unscored := [(id_, k) for id_, texts in completions.items() for k in range(len(texts)) if (id_, k) not in seen]:
+        raise cli.UsageError(f"{paths['scores']}: no score for {len(unscored)} candidates (e.g. id {unscored[0][0]!r} "
+                             f"candidate {unscored[0][1]}): the file is cut short or from another run; {RERUN}")
     for rows in scored.values():
         rows.sort(key=lambda row: row["candidate"])
     return prompts, scored

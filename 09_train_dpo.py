@@ -65,16 +65,30 @@ def parse_args(argv=None):
 
 
 # --- helpers ---
+def is_turns(value) -> bool:
+    """TRL's two forms of a prompt or completion: a list of {role, content} messages, or a text."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
+
+
 def load_pairs(path: Path, limit: int | None) -> list[dict]:
+    """The first `limit` pairs' PAIR_COLUMNS. Every line must have them, with prompt, chosen and rejected in
+    one of TRL's forms (is_turns), the same for all three; errors name the file, the line and the column."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run python 08_build_prefs.py first (or pass --pairs FILE)")
-    pairs = runs.read_jsonl(path)[:limit]
-    for line, pair in enumerate(pairs, start=1):
+    numbered = runs.read_jsonl_numbered(path, writer="08_build_prefs.py")
+    for line, pair in numbered:
         missing = [column for column in PAIR_COLUMNS if column not in pair]
         if missing:
             raise cli.UsageError(f"{path}: line {line} lacks {', '.join(missing)}; rebuild it with "
                                  f"python 08_build_prefs.py")
-    return [{column: pair[column] for column in PAIR_COLUMNS} for pair in pairs]
+        if wrong := [column for column in PAIR_COLUMNS[1:] if not is_turns(pair[column])]:
+            raise cli.UsageError(f"{path}: line {line}: {wrong[0]} should be a list of {{role, content}} messages or "
+                                 f"a text, got {repr(pair[wrong[0]])[:60]}; rebuild it with python 08_build_prefs.py")
+        if len({isinstance(pair[column], str) for column in PAIR_COLUMNS[1:]}) > 1:
+            raise cli.UsageError(f"{path}: line {line}: prompt, chosen and rejected mix messages and texts (TRL takes "
+                                 f"one form); rebuild it with python 08_build_prefs.py")
+    return [{column: pair[column] for column in PAIR_COLUMNS} for _, pair in numbered[:limit]]
 
 
 def smoke_pairs(train_path: Path, limit: int) -> list[dict]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from utils import cli, runs
 from utils import config as config_lib
+from utils.data import REWARD_FIELDS, read_processed
 from utils.metrics import aggregate, aggregate_samples, failure_counts, format_table, score_official
 from utils.rewards import COMPONENTS, RewardSpec, load_spec, score, spec_to_yaml
 
@@ -89,12 +90,7 @@ def load_examples(path: Path, limit: int | None) -> tuple[list[dict], list[dict]
     if not path.is_file():
         raise cli.UsageError(f"data file {path} not found: run `python 01_prepare_dataset.py` (writes "
                         f"{path.parent}/{{train,val,test}}.jsonl), or pass --test_jsonl FILE")
-    try:
-        examples = runs.read_jsonl(path)
-    except ValueError as error:
-        raise cli.UsageError(str(error)) from None
-    if not examples:
-        raise cli.UsageError(f"data file {path} holds no examples: rerun `python 01_prepare_dataset.py`")
+    examples = read_processed(path, required=("id", *REWARD_FIELDS))  # the prompt only where a model generates
     return (examples[:limit] if limit is not None else examples), examples
 
 
@@ -102,17 +98,26 @@ def read_predictions(path: Path) -> list[dict]:
     """Rows of a predictions file (JSON list or JSONL); errors name the file and line/entry."""
     if not path.is_file():
         raise cli.UsageError(f"--predictions {path}: no such file")
-    text = path.read_text(encoding="utf-8")
     hint = 'expected {"id", "completion": text} or {"id", "predicted": [tokens..., "EOF"]}'
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise cli.UsageError(f"{path}: line {line}: not UTF-8 text ({error.reason}); {hint}") from None
     whole = text.lstrip().startswith("[")  # the official format is one JSON list
     pieces = [(1, text)] if whole else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     located = []
     for lineno, piece in pieces:
         try:
             value = json.loads(piece)
-        except json.JSONDecodeError as error:
-            raise cli.UsageError(f"{path}: line {lineno + error.lineno - 1}: invalid JSON ({error.msg}); {hint}") from None
+        except (json.JSONDecodeError, RecursionError) as error:  # json recurses once per bracket
+            where, problem = ((lineno + error.lineno - 1, error.msg) if isinstance(error, json.JSONDecodeError)
+                              else (lineno, "nested too deeply to read"))
+            raise cli.UsageError(f"{path}: line {where}: invalid JSON ({problem}); {hint}") from None
         located += [(f"entry {i}", row) for i, row in enumerate(value)] if whole else [(f"line {lineno}", value)]
+    if not located:
+        raise cli.UsageError(f"{path} holds no predictions: {hint}, one per example")
     seen = set()
     for where, row in located:
         tokens = row.get("predicted") if isinstance(row, dict) else None

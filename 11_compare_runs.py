@@ -26,6 +26,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ from utils import cli, plots, runs
 from utils.metrics import bootstrap_ci
 
 MODULE = "11_comparison"
+RERUN = "rerun `python 10_evaluate.py` for this policy"
 TRAIN_MODULES = {"sft": "03_sft", "ppo": "05_ppo", "grpo": "06_grpo", "rloo": "07_rloo", "dpo": "09_dpo"}
 # names a training manifest may give its token count / peak memory (GB per unit): first found wins
 TOKEN_KEYS = ("train_tokens", "tokens_seen", "num_tokens", "total_tokens", "tokens_trained")
@@ -137,26 +139,56 @@ def data_facts(data_file) -> dict:
     return facts
 
 
-def to_float(text) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
+def is_number(value) -> bool:
+    """A finite int or float (json reads NaN and Infinity as floats; no metric is either)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number_cell(row: dict, column: str, path: Path, line: int) -> float | None:
+    """A breakdown.csv cell as a finite float; None when the column is absent or the cell empty."""
+    text = (row.get(column) or "").strip()
+    if not text:
         return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise cli.UsageError(f"{path}: line {line}: {column} should be a finite number, got {text[:60]!r}; {RERUN}")
+    return value
 
 
 def read_breakdown(path: Path) -> dict[str, dict]:
     """breakdown.csv rows by id (exec_correct as bool; reward and sampled_exec_acc, the item's mean over its
-    sampled completions, as float or None: empty when greedy only, absent before sampling); {} when unusable."""
-    rows = []
-    if path.is_file():
-        with path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    if not rows or "exec_correct" not in rows[0] or "id" not in rows[0]:
-        warn(f"{path}: missing, empty or without id/exec_correct columns: no paired test for this policy")
+    sampled completions, as float or None: empty when greedy only, absent before sampling). {} when there is
+    no breakdown.csv (a warning: no paired test); a broken one is an error naming the line and column."""
+    if not path.is_file():
+        warn(f"{path}: missing: no paired test for this policy")
         return {}
-    return {row["id"]: {"exec_correct": str(row["exec_correct"]).strip().lower() in ("true", "1"),
-                        "reward": to_float(row.get("reward")),
-                        "sampled_exec_acc": to_float(row.get("sampled_exec_acc"))} for row in rows}
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)  # not DictReader: its line_num lags behind on a broken line
+            header = next(reader, [])
+            rows = [(reader.line_num, values) for values in reader if values]  # blank lines skipped, as DictReader does
+    except UnicodeDecodeError as error:
+        raise cli.UsageError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); {RERUN}") from None
+    except csv.Error as error:  # e.g. a field over csv's size limit
+        raise cli.UsageError(f"{path}: line {reader.line_num}: {error}; {RERUN}") from None
+    if missing := [column for column in ("id", "exec_correct") if column not in header]:
+        raise cli.UsageError(f"{path}: no {', '.join(missing)} column (an empty file?); {RERUN}")
+    items = {}
+    for line, values in rows:
+        if len(values) != len(header):
+            raise cli.UsageError(f"{path}: line {line}: {len(values)} fields, the header has {len(header)}: "
+                                 f"the file is cut short or damaged; {RERUN}")
+        row = dict(zip(header, values))
+        correct = row["exec_correct"].strip().lower()
+        if correct not in ("true", "false", "1", "0"):
+            raise cli.UsageError(f"{path}: line {line}: exec_correct should be True or False, got "
+                                 f"{row['exec_correct'][:60]!r}; {RERUN}")
+        items[row["id"]] = {"exec_correct": correct in ("true", "1"), "reward": number_cell(row, "reward", path, line),
+                            "sampled_exec_acc": number_cell(row, "sampled_exec_acc", path, line)}
+    return items
 
 
 def training_facts(train: dict, log: list[dict]) -> dict:
@@ -182,14 +214,25 @@ def sampled_facts(metrics: dict) -> dict:
             "sampled_exec_acc_ci_low": ci[0], "sampled_exec_acc_ci_high": ci[1]}
 
 
+def check_metrics(metrics, path: Path) -> None:
+    """The metrics.json fields read here are there and hold finite numbers; errors name the file and field."""
+    if not isinstance(metrics, dict):
+        raise cli.UsageError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}; {RERUN}")
+    if missing := [key for key in (*cmp.RATES, "reward_mean", "n_examples") if key not in metrics]:
+        raise cli.UsageError(f"{path}: no {', '.join(missing)}: not a metrics.json of 10_evaluate.py; {RERUN}")
+    optional = [key for key in (*cmp.SAMPLING, *cmp.SAMPLED, "tokens_generated") if metrics.get(key) is not None]
+    for key in (*cmp.RATES, "reward_mean", "n_examples", *optional):
+        if not is_number(metrics[key]):
+            raise cli.UsageError(f"{path}: {key} should be a finite number, got {repr(metrics[key])[:60]}; {RERUN}")
+    ci = metrics.get("exec_acc_ci95")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci))):
+        raise cli.UsageError(f"{path}: exec_acc_ci95 should be [low, high], got {repr(ci)[:60]}; {RERUN}")
+
+
 def load_policy(path: Path, seed: int, n_resamples: int) -> dict:
     """One summary row (numbers as in metrics.json), with its breakdown and training log."""
-    try:
-        metrics = runs.read_json(path)
-    except (ValueError, FileNotFoundError) as error:
-        raise cli.UsageError(f"{error}; rerun `python 10_evaluate.py` for this policy") from None
-    if missing := [key for key in (*cmp.RATES, "reward_mean", "n_examples") if key not in metrics]:
-        raise cli.UsageError(f"{path}: no {', '.join(missing)}: not a metrics.json of 10_evaluate.py")
+    metrics = runs.read_json(path, writer="10_evaluate.py")
+    check_metrics(metrics, path)
     name = str(metrics.get("policy_name") or path.parent.name)
     method, name_seed = cmp.parse_policy_name(name)
     evaluation = read_optional(path.parent / "manifest.json", "manifest") or {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -243,6 +244,8 @@ def _check(value, typ):
             return value
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan and .inf: no setting means them
+                raise _Mismatch(f"expected a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str) and "e" in value.lower() and _looks_numeric(value):
             raise _Mismatch(f"got the text {value!r}: PyYAML reads a number with an exponent as "
@@ -290,7 +293,7 @@ def _parse_text(text: str, typ, flag: str):
         if typ is int:
             return int(text)
         if typ is float:
-            return float(text)
+            return _check(float(text), float)  # finite
         return _check(text, typ)
     except (ValueError, _Mismatch) as err:  # json.JSONDecodeError is a ValueError
         detail = str(err) if isinstance(err, _Mismatch) else f"expected {type_name(typ)}"
@@ -375,6 +378,10 @@ def _read_yaml(path: Path) -> dict:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply to read") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(data, dict):

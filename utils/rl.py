@@ -28,7 +28,7 @@ from typing import Sequence
 
 from utils import config as config_lib
 from utils import modeling, runs, training
-from utils.cli import UsageError
+from utils.data import read_processed
 from utils.rewards import trl_reward_functions
 
 
@@ -91,7 +91,8 @@ def load_policy(ckpt: str | Path, cfg: dict):
     dtype = modeling.resolve_dtype(cfg["model"].get("dtype") or "auto")
     model = modeling.load_model(base or str(ckpt), dtype=dtype)
     if base is not None:
-        model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
+        with modeling.reading_checkpoint(ckpt):
+            model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
     else:
         model = get_peft_model(model, training.lora_config(cfg))
     model.train()
@@ -130,23 +131,23 @@ def require_split(path: str | Path, flag: str) -> Path:
 def load_prompts(path: str | Path, limit: int | None = None):
     """A processed split as a datasets.Dataset of prompt + REWARD_COLUMNS (the first `limit` rows).
 
-    datasets.load_dataset("json") reads the mixed exe_ans column (numbers, "yes"/"no") as a Json
-    feature; Dataset.from_list cannot.
+    Every line is checked first (read_split): a broken file then fails with a line that names the
+    line and field, not with the datasets library's traceback. datasets.load_dataset("json") reads
+    the mixed exe_ans column (numbers, "yes"/"no") as a Json feature; Dataset.from_list cannot.
     """
     import datasets
 
     path = require_split(path, "--train_jsonl")
+    read_split(path, "--train_jsonl")
     data = datasets.load_dataset("json", data_files=str(path), split="train")
-    missing = [c for c in ("prompt", *REWARD_COLUMNS) if c not in data.column_names]
-    if missing:
-        raise UsageError(f"{path}: missing columns {missing}; rerun python 01_prepare_dataset.py")
     data = data.select_columns(["prompt", *REWARD_COLUMNS])
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
 def read_split(path: Path, flag: str) -> list[dict]:
-    """A processed split's examples (require_split's error when it is missing)."""
-    return runs.read_jsonl(require_split(path, flag))
+    """A processed split's examples, each with a prompt and REWARD_COLUMNS (require_split's error when it is
+    missing, utils.data.read_processed's when a line is broken)."""
+    return read_processed(require_split(path, flag), ("prompt", *REWARD_COLUMNS))
 
 
 def reward_functions(spec, sample_log: "SampleLog | None" = None):

@@ -105,38 +105,60 @@ def atomic_write_jsonl(path: str | Path, rows) -> Path:
     return atomic_write_text(path, "".join(lines))
 
 
-def read_json(path: str | Path):
-    """Read a JSON file; errors name the file and the line."""
+def _rerun(writer: str | None) -> str:
+    """The fix for a broken file: rerun the script that writes it (named when the caller knows it)."""
+    return f"rerun python {writer}" if writer else "rerun the script that writes it"
+
+
+def _json_problem(error: Exception, line: bool = True) -> str:
+    """What is wrong with a JSON text (with the line of a JSON error when `line`), for an error message;
+    never the text itself: it may be huge."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}: invalid JSON ({error.msg})" if line else f"invalid JSON ({error.msg})"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error.reason} at byte {error.start})"
+    return "invalid JSON (nested too deeply to read)"  # RecursionError: json recurses per bracket
+
+
+def read_json(path: str | Path, writer: str | None = None):
+    """Read a JSON file; errors name the file, the line and the fix (rerun `writer`, the script that writes it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        line = f"line {err.lineno}: " if isinstance(err, json.JSONDecodeError) else ""
-        raise UsageError(f"{path}: {line}invalid JSON ({getattr(err, 'msg', err)}); the file may be truncated, "
-                         f"rerun the script that writes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise UsageError(f"{path}: {_json_problem(err)}; the file may be truncated or corrupt, "
+                         f"{_rerun(writer)}") from None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file (blank lines skipped); errors name the file and the line."""
+def read_jsonl_numbered(path: str | Path, writer: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a JSONL file (blank lines skipped); errors name the file, the
+    line and the fix (rerun `writer`, the script that writes it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:  # decoded line by line, so a bad byte's error names its line
         for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}: line {lineno}: invalid JSON ({err.msg}); "
-                                 f"the file may be truncated, rerun the script that writes it") from None
-            if not isinstance(rows[-1], dict):
-                raise UsageError(f"{path}: line {lineno}: expected a JSON object, got {type(rows[-1]).__name__}; "
-                                 f"rerun the script that writes it")
+                text = line.decode("utf-8")
+                if not text.strip():
+                    continue
+                row = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                raise UsageError(f"{path}: line {lineno}: {_json_problem(err, line=False)}; the file may be truncated "
+                                 f"or corrupt, {_rerun(writer)}") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}; "
+                                 f"{_rerun(writer)}")
+            rows.append((lineno, row))
     return rows
+
+
+def read_jsonl(path: str | Path, writer: str | None = None) -> list[dict]:
+    """Read a JSONL file (blank lines skipped); errors name the file, the line and the fix."""
+    return [row for _, row in read_jsonl_numbered(path, writer)]
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
