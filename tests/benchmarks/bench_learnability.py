@@ -25,9 +25,10 @@ and --num_samples 4 samples per prompt at the training temperature (0.8, top_p 1
  - training wall time and the run's peak resident memory.
 Criterion (PASS): the sampled reward CI excludes 0 upward, sampled format_rate rises, KL <= target.
 --memory adds each method's peak resident memory over one full-size default step in float32 (the
-dtype of AVX2-only machines), which must stay under 12 GB. The RLOO variance check (REINFORCE vs the
-leave-one-out baseline on one batch from the same start) is tests/benchmarks/bench_rloo_variance.py
---policy_ckpt outputs/<run_id>/03_sft, run as the last stage.
+dtype of AVX2-only machines), which must stay under 12 GB. With RLOO among the methods, the last stage
+is the RLOO check from the same start: tests/benchmarks/bench_rloo_variance.py on 16 train prompts x 4
+samples, the gradient variance of plain REINFORCE against the leave-one-out estimator on the same
+samples and gradients.
 
 Resumable: everything lives in outputs/<run_id>/ (stage logs in logs/); summary.json keeps the start
 and each finished method, so a rerun with the same setup skips them (--methods reruns the ones named
@@ -37,6 +38,7 @@ about twice as fast as AVX2-only ones in float32; the CPU flags are printed with
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +167,18 @@ def memory_probe(method: str, args, run_dir: Path, common: list, data_flags: lis
         "peak_rss_gb")
 
 
+def rloo_variance(args, run_dir: Path, sft: Path, data_flags: list) -> dict:
+    """bench_rloo_variance.py from the start policy on 16 train prompts x 4 samples: the gradient
+    variance of plain REINFORCE and of the leave-one-out estimator on the same samples."""
+    run_stage("rloo_variance", ["tests/benchmarks/bench_rloo_variance.py", "--policy_ckpt", sft, "--data",
+                                data_flags[1], *data_flags[-2:], "--num_prompts", 16, "--k", 4,
+                                "--max_new_tokens", 96, "--seed", args.seed], run_dir)
+    lines = (run_dir / "logs" / "rloo_variance.log").read_text(encoding="utf-8").splitlines()
+    value = lambda label: float(next(line for line in lines if label in line).split()[-1])  # noqa: E731
+    return {"reinforce": value("plain REINFORCE"), "leave_one_out": value("leave-one-out"),
+            "mean_reward": value("mean reward")}
+
+
 def cpu_flags() -> str:
     done = subprocess.run("grep -o -w 'avx512_bf16\\|avx2' /proc/cpuinfo | sort -u", shell=True,
                           capture_output=True, text=True)
@@ -177,10 +191,11 @@ TIME_PARTS = ("generate", "rewards", "reference", "update", "step")
 
 
 def step_times(run_dir: Path, method: str) -> dict:
-    """Mean seconds per step of each time/<part>_s in the method's training log (DPO logs none)."""
+    """Median seconds per step of each time/<part>_s in the method's training log (DPO logs none): the
+    median, so that a step slowed by another process on the same cores does not count."""
     entries = [e for e in read_json(run_dir / METHOD_STAGES[method][0] / "logs" / "training_log.json")["log_history"]
                if e.get("time/step_s") is not None]
-    return {part: sum(e[f"time/{part}_s"] for e in entries) / len(entries) for part in TIME_PARTS} if entries else {}
+    return {part: statistics.median(e[f"time/{part}_s"] for e in entries) for part in TIME_PARTS} if entries else {}
 
 
 def passed(row: dict, start: dict, target: float) -> bool:
@@ -217,17 +232,21 @@ def report(run_dir: Path) -> None:
     print(f"\n{'method':<6} {'train s':>8} {'s/step':>7} {'generate':>9} {'rewards':>8} {'reference':>10} "
           f"{'update':>7} {'peak GB':>8} {'fp32 step GB':>13}")
     for method, row in summary["methods"].items():
-        times = row.get("step_times") or {}
+        times = step_times(run_dir, method)
         cells = " ".join(f"{times[p]:>{w}.1f}" if p in times else f"{'-':>{w}}"
                          for p, w in (("step", 7), ("generate", 9), ("rewards", 8), ("reference", 10), ("update", 7)))
         fp32 = row.get("float32_peak_rss_gb")
         print(f"{method:<6} {row['train_s']:>8.0f} {cells} {row.get('peak_rss_gb') or float('nan'):>8.2f} "
               f"{'-' if fp32 is None else f'{fp32:.2f}':>13}")
+    if variance := summary.get("rloo_variance"):
+        print(f"\nRLOO check, 16 train prompts x 4 samples from the start (mean reward {variance['mean_reward']:.3f}): "
+              f"gradient variance plain REINFORCE {variance['reinforce']:.4g}, leave-one-out "
+              f"{variance['leave_one_out']:.4g} (ratio {variance['leave_one_out'] / variance['reinforce']:.2f})")
     print(f"\nPASS: sampled reward's paired 95% CI above 0, sampled format up, KL (nats per completion, last "
           f"training log) <= {target:g} (ppo.yaml's target_kl). {setup['completions']} sampled completions per "
           f"method; evaluation greedy + {setup['num_samples']} samples per prompt at temperature "
-          f"{SAMPLE['temperature']}; seed {setup['seed']}; model {setup['config']}; dtype {summary.get('dtype')}; "
-          f"CPU flags: {summary.get('cpu_flags')}.\nStep times are seconds per optimizer step (PPO: per "
+          f"{SAMPLE['temperature']}; seed {setup['seed']}; model {setup['config']}; dtype {start.get('dtype')}; "
+          f"CPU flags: {summary.get('cpu_flags')}.\nStep times: median seconds per optimizer step (PPO: per "
           f"iteration); peak GB: the training run's peak resident memory; fp32 step GB: one full-size default "
           f"step in float32 (--memory).\nrun: {run_dir}")
 
@@ -255,7 +274,7 @@ def main(args) -> int:
                              "--training.save_steps", args.sft_steps], run_dir)
         start = evaluate("start", sft, run_dir, common, data / "val.jsonl", args.val_examples,
                          args.num_samples, **SAMPLE)
-        summary = {"setup": setup, "cpu_flags": cpu_flags(), "dtype": start["dtype"], "start": start, "methods": {}}
+        summary = {"setup": setup, "cpu_flags": cpu_flags(), "start": start, "methods": {}}
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     else:
         print(f"reusing the start of {run_dir}; methods done: {', '.join(summary['methods']) or 'none'}", flush=True)
@@ -270,10 +289,13 @@ def main(args) -> int:
         manifest = read_json(run_dir / module / "manifest.json")["metrics"]
         row = {"learning_rate": LEARNING_RATES[method], "train_s": round(train_s, 1), "end": end,
                "change": paired_change(run_dir, "start", method, args.seed), "kl": final_kl(run_dir, method),
-               "peak_rss_gb": manifest.get("peak_rss_gb"), "step_times": step_times(run_dir, method)}
+               "peak_rss_gb": manifest.get("peak_rss_gb")}
         if method == "dpo":
             row["pref_acc"] = [manifest.get("holdout_pref_acc_before"), manifest.get("holdout_logp_acc_after")]
         summary["methods"][method] = row
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if "rloo" in args.methods and "rloo_variance" not in summary:
+        summary["rloo_variance"] = rloo_variance(args, run_dir, sft, data_flags)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     if args.memory:
         for method in args.methods:
