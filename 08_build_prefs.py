@@ -16,7 +16,6 @@ manifest.json. Pair selection is deterministic; --seed is recorded only.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,31 +23,24 @@ from pathlib import Path
 from utils import config as config_lib
 from utils import cli, runs
 from utils.preferences import build_pairs, histogram_text
+from utils.data import is_finite_number, is_id
 
 MODULE = "08_preferences"
 RECOMMENDED_PAIRS = 10_000  # the seed's target: fewer pairs give a noisy DPO signal
 RERUN = "rerun `python 04_generate_candidates.py`"
 
 
-def _is_id(value) -> bool:
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:  # json reads NaN and Infinity as floats: no reward is either
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # What 08 reads of each line of 04's files, with the type it must hold: (check, description)
 CANDIDATE_FIELDS = {
-    "id": (_is_id, "a string"),
+    "id": (is_id, "a string"),
     "prompt": (lambda v: isinstance(v, (list, str)), "a list of messages or a text"),
     "completions": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of texts"),
 }
 SCORE_FIELDS = {
-    "id": (_is_id, "a string"),
+    "id": (is_id, "a string"),
     "candidate": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a candidate index"),
     "completion": (lambda v: isinstance(v, str), "a text"),
-    "total": (_is_number, "a finite number"),
+    "total": (is_finite_number, "a finite number"),
     "exact_match": (lambda v: isinstance(v, bool), "true or false"),
     "format_valid": (lambda v: isinstance(v, bool), "true or false"),
 }

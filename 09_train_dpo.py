@@ -45,6 +45,7 @@ from transformers import TrainerCallback
 from utils import cli, rl, runs, training
 from utils import config as config_lib
 from utils.preferences import preference_accuracy, split_by_prompt
+from utils.data import is_messages
 
 MODULE = "09_dpo"
 METHOD = "dpo"
@@ -67,8 +68,7 @@ def parse_args(argv=None):
 # --- helpers ---
 def is_turns(value) -> bool:
     """TRL's two forms of a prompt or completion: a list of {role, content} messages, or a text."""
-    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
+    return isinstance(value, str) or is_messages(value)
 
 
 def load_pairs(path: Path, limit: int | None) -> list[dict]:

@@ -111,7 +111,7 @@ def validate_example(raw) -> list[str]:
     if not isinstance(qa.get("answer"), str):
         problems.append("qa.answer: missing or not a string")
     exe_ans = qa.get("exe_ans")
-    if not (exe_ans in ("yes", "no") or _is_finite_number(exe_ans)):
+    if not (exe_ans in ("yes", "no") or is_finite_number(exe_ans)):
         problems.append(f"qa.exe_ans: should be a number, 'yes' or 'no', found {_short(exe_ans)}")
     gold = qa.get("gold_inds")
     if not isinstance(gold, dict) or not all(_fact_key_ok(k) and isinstance(v, str)
@@ -124,7 +124,7 @@ def validate_example(raw) -> list[str]:
     return problems
 
 
-def _is_finite_number(value) -> bool:
+def is_finite_number(value) -> bool:
     """An int or float that is not a bool, NaN or infinite (json reads NaN and Infinity as floats)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -328,7 +328,13 @@ def to_processed(raw: dict, split: str, mode: str, source: str = "finqa", tokeni
 
 # --- reading processed splits ----------------------------------------------------------------
 
-def _is_messages(value) -> bool:
+def is_id(value) -> bool:
+    """An example id as the pipeline writes it: a string (or an int), never a bool."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def is_messages(value) -> bool:
+    """A chat in TRL's conversational form: a non-empty list of {role, content} messages."""
     return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
 
@@ -336,11 +342,11 @@ def _is_messages(value) -> bool:
 # What each processed field holds; read_processed checks every one a row has. exe_ans may be text:
 # "yes"/"no", or a number that a dataset library wrote as text (utils.rewards reads both).
 _FIELD_TYPES = {
-    "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string"),
-    "prompt": (_is_messages, "a list of {role, content} messages"),
-    "completion": (_is_messages, "a list of {role, content} messages"),
+    "id": (is_id, "a string"),
+    "prompt": (is_messages, "a list of {role, content} messages"),
+    "completion": (is_messages, "a list of {role, content} messages"),
     "table": (lambda v: isinstance(v, list) and all(_is_str_list(row) for row in v), "a list of rows of strings"),
-    "exe_ans": (lambda v: isinstance(v, str) or _is_finite_number(v), "a finite number, 'yes' or 'no'"),
+    "exe_ans": (lambda v: isinstance(v, str) or is_finite_number(v), "a finite number, 'yes' or 'no'"),
     "gold_inds": (lambda v: isinstance(v, dict), "an object"),
     **{name: (lambda v: isinstance(v, str), "a string") for name in
        ("split", "source", "question", "context", "context_mode", "input_text", "target_program", "target_answer")},

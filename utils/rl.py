@@ -23,6 +23,7 @@ its algorithm's own hyperparameters to trainer_arguments() and builds the TRL tr
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -137,7 +138,6 @@ def load_prompts(path: str | Path, limit: int | None = None):
     """
     import datasets
 
-    path = require_split(path, "--train_jsonl")
     read_split(path, "--train_jsonl")
     data = datasets.load_dataset("json", data_files=str(path), split="train")
     data = data.select_columns(["prompt", *REWARD_COLUMNS])
@@ -264,13 +264,9 @@ class StepTimes(training.TrainerCallback):
         cls._installed = True
 
     def on_step_begin(self, args, state, control, **kwargs):
-        import time
-
         self._started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        import time
-
         if self._started is not None:
             self._step_s += time.perf_counter() - self._started
             self._steps += 1
