@@ -153,7 +153,7 @@ def train(method: str, args, run_dir: Path, common: list, data_flags: list, sft:
 
 def memory_probe(method: str, args, run_dir: Path, common: list, data_flags: list, sft: Path) -> float | None:
     """Peak resident GB of one full-size default step in float32 (its own run id, nothing else kept)."""
-    probe = [*common[:-4], "--run_id", f"{run_dir.name}_mem_{method}", "--seed", args.seed]
+    probe = ["--config", args.config, "--run_id", f"{run_dir.name}_mem_{method}", "--seed", args.seed]
     module, script = METHOD_STAGES[method]
     flags = ["--model.dtype", "float32", "--max_steps", 1, "--validation.eval_steps", 1,
              "--validation.num_samples", 1, "--training.save_steps", 1]
