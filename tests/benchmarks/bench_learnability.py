@@ -151,7 +151,7 @@ def train(method: str, args, run_dir: Path, common: list, data_flags: list, sft:
     return run_stage(module, [*argv, *extra], run_dir)
 
 
-def memory_probe(method: str, args, run_dir: Path, common: list, data_flags: list, sft: Path) -> float | None:
+def memory_probe(method: str, args, run_dir: Path, data_flags: list, sft: Path) -> float | None:
     """Peak resident GB of one full-size default step in float32 (its own run id, nothing else kept)."""
     probe = ["--config", args.config, "--run_id", f"{run_dir.name}_mem_{method}", "--seed", args.seed]
     module, script = METHOD_STAGES[method]
@@ -299,8 +299,7 @@ def main(args) -> int:
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     if args.memory:
         for method in args.methods:
-            summary["methods"][method]["float32_peak_rss_gb"] = memory_probe(method, args, run_dir, common,
-                                                                            data_flags, sft)
+            summary["methods"][method]["float32_peak_rss_gb"] = memory_probe(method, args, run_dir, data_flags, sft)
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     report(run_dir)
     return 0
