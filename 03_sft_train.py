@@ -47,8 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip_validation", action="store_true",
                         help="no generation-based validation (the val loss still runs; best = lowest val loss)")
     parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                        help="continue an interrupted run: from the newest trainer checkpoint in the output "
-                             "folder, or the one given (optimizer, scheduler, RNG, training log and best so far)")
+                        help="continue an interrupted run: from the newest complete checkpoint in the output "
+                             "folder, or the one given (optimizer, scheduler, RNG, training log and best so far); "
+                             "'--resume auto': the newest if there is one, else start afresh")
     parser.add_argument("--save_merged", action="store_true",
                         help="also save ckpt_sft/merged: the final LoRA folded into the base model")
     parser.add_argument("--max_train_examples", type=int, help="use only the first N training examples")
@@ -130,6 +131,8 @@ def main(args, extra_tokens=()) -> dict:
                              eval_dataset=to_dataset(val_rows), processing_class=tokenizer,
                              peft_config=training.lora_config(cfg) if cfg["lora"]["enabled"] else None,
                              callbacks=callbacks)
+        if resume_from:
+            training.restore_token_count(trainer, resume_from)
         output = trainer.train(resume_from_checkpoint=resume_from)
 
         # --- save ---

@@ -235,6 +235,8 @@ def main(args, extra_tokens=()) -> dict:
                   f"start {ckpt}", flush=True)
 
         # --- train ---
+        if resume_from:
+            training.restore_token_count(trainer, resume_from)
         output = trainer.train(resume_from_checkpoint=resume_from)
 
         # --- save ---

@@ -12,7 +12,8 @@ Stages: 00 check data, 01 prepare, 02 rewards, then per seed 03 SFT (shared by t
 base, SFT and each method on test, and 11 compares them. Each stage is a subprocess whose output is shown and
 saved to outputs/<run>/logs/<stage>.log. A stage that completed before with the same command line, inputs
 (sha256) and untouched outputs is skipped, so rerunning the same command after an interruption resumes where it
-stopped (utils/driver.py has the rule). With several seeds, seed-specific folders and policy names get a _seed<N>
+stopped (utils/driver.py has the rule); a trainer that was killed or interrupted continues from its newest
+complete checkpoint (--resume auto). With several seeds, seed-specific folders and policy names get a _seed<N>
 suffix (03_sft_seed1, grpo_seed1). Unknown --section.key value flags are passed to every stage; --algorithm.*
 ones to the method's stages. Writes outputs/<run>/run_manifest.json (every stage's command, inputs, manifest,
 status and time) and outputs/<run>/README.md (configuration, commands, results table).
@@ -91,12 +92,14 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_stage(stage: driver.Stage, log_path: Path) -> int:
-    """Run the stage's script, its output teed to the console and the log (raw bytes: progress bars survive)."""
-    cmd = [sys.executable, str(REPO_ROOT / stage.script), *stage.args]
+def run_stage(stage: driver.Stage, log_path: Path, extra=()) -> int:
+    """Run the stage's script (+ extra flags), its output teed to the console and the log (raw bytes:
+    progress bars survive)."""
+    cmd = [sys.executable, str(REPO_ROOT / stage.script), *stage.args, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb", buffering=0) as log:  # unbuffered: `tail -f` the log while a stage runs
-        log.write(f"$ {stage.command}\n".encode())
+    # unbuffered: `tail -f` the log while a stage runs; a resumed stage's log keeps the cut-short attempt
+    with open(log_path, "ab" if extra else "wb", buffering=0) as log:
+        log.write(f"$ {shlex.join([stage.command, *extra]) if extra else stage.command}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         try:
             for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
@@ -207,14 +210,16 @@ def main(args, extra=()) -> dict:
             invocation["skipped"].append(stage.name)
             continue
         log = logs / f"{stage.name}.log"
-        print(f"\n{'=' * 100}\n{head}: {stage.what} [runs because {why}]\n  $ {stage.command}\n  log: {log}\n"
-              f"{'=' * 100}", flush=True)
+        resume = () if stage.name in forced else driver.resume_args(stage, records.get(stage.name), hashes.sha_of)
+        print(f"\n{'=' * 100}\n{head}: {stage.what} [runs because {why}{'; resumes' if resume else ''}]\n"
+              f"  $ {' '.join([stage.command, *resume])}\n  log: {log}\n{'=' * 100}", flush=True)
         state["stages"][stage.name] = {"status": "running", "script": stage.script, "argv": stage.argv,
-                                       "command": stage.command, "manifest": stage.manifest, "log": str(log)}
+                                       "command": stage.command, "manifest": stage.manifest, "log": str(log),
+                                       "inputs": {path: hashes.sha_of(path) for path in stage.inputs}}
         save("running")
         t_stage, cpu_start = time.monotonic(), cpu_seconds()
         try:
-            code = run_stage(stage, log)
+            code = run_stage(stage, log, resume)
         except KeyboardInterrupt:
             state["stages"][stage.name]["status"] = "interrupted"
             save("interrupted")

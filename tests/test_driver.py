@@ -1,12 +1,8 @@
-"""12_driver.py: the plan and skip rule of utils/driver.py by hand, then the whole pipeline on a tiny model.
+"""12_driver.py: the plan, skip rule, resume rule and README of utils/driver.py, by hand.
 
-The end-to-end test runs `12_driver.py --method all --quick_test` on a tiny random model and synthetic
-FinQA-format raw files, everything under tmp_path: --paths.output_root and --paths.data_dir move the run
-folder and the processed data there (every script honours both), so nothing lands in outputs/ or datasets/.
+The whole pipeline on a tiny model (every stage's files, the rerun that skips them all, kills and reruns,
+same-seed runs) is in tests/test_kill_resume.py.
 """
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,6 @@ import pytest
 from utils import driver
 from utils.driver import Options, PlanError, Stage
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = "configs/models/smollm2-135m.yaml"
 
 
@@ -226,6 +221,26 @@ def test_decide(record, manifest, forced, shas, fingerprint, run, why):
     assert why in got_why
 
 
+TRAINER = Stage("06_grpo", "06_train_grpo.py", ("--seed", "1"), "out/r1/06_grpo", "out/r1/06_grpo/manifest.json",
+                "GRPO", inputs=("data/train.jsonl",))
+CUT_SHORT = {"status": "running", "argv": ["06_train_grpo.py", "--seed", "1"], "inputs": {"data/train.jsonl": "aaa"}}
+
+
+@pytest.mark.parametrize("stage, record, shas, expected", [
+    (TRAINER, CUT_SHORT, SHAS, ("--resume", "auto")),                          # killed mid-run: continue
+    (TRAINER, {**CUT_SHORT, "status": "interrupted"}, SHAS, ("--resume", "auto")),   # Ctrl-C
+    (TRAINER, {**CUT_SHORT, "status": "failed"}, SHAS, ()),                      # a failure starts afresh
+    (TRAINER, {**CUT_SHORT, "status": "complete"}, SHAS, ()),
+    (TRAINER, None, SHAS, ()),                                                   # never run
+    (TRAINER, {**CUT_SHORT, "argv": ["06_train_grpo.py", "--seed", "2"]}, SHAS, ()),   # another command
+    (TRAINER, CUT_SHORT, {"data/train.jsonl": "bbb"}, ()),                       # another input
+    (Stage("10_eval_sft", "10_evaluate.py", ("--seed", "1"), "f", "f/manifest.json", "eval"),
+     {**CUT_SHORT, "argv": ["10_evaluate.py", "--seed", "1"]}, SHAS, ()),        # not a trainer
+])
+def test_resume_args(stage, record, shas, expected):
+    assert driver.resume_args(stage, record, shas.get) == expected
+
+
 def test_stage_record_then_decide_skips(tmp_path):
     """What stage_record stores is what decide compares: a completed stage is skipped until a file changes."""
     data, ckpt = tmp_path / "train.jsonl", tmp_path / "ckpt"
@@ -288,59 +303,3 @@ def test_readme_text():
                  "[11_comparison/report.md](11_comparison/report.md)", "| git commit | abc |"):
         assert part in text, part
     assert "Not available yet" in driver.readme_text(info, stages, None)
-
-
-# --- end to end ---
-@pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    """Raw FinQA-format files (synthetic), a tiny model, and the driver's command with the smallest budgets."""
-    from tests.fixtures.tiny_model import build_tiny_model
-    from utils.runs import atomic_write_json
-    from utils.synthetic import generate
-
-    tmp = tmp_path_factory.mktemp("driver")
-    for split, examples in generate(60, seed=0).items():
-        atomic_write_json(tmp / "raw" / f"{split}.json", examples)
-    tiny = build_tiny_model(tmp / "tiny")
-    command = [sys.executable, "12_driver.py", "--method", "all", "--quick_test", "--run_id", "e2e",
-               "--data_root", tmp / "raw", "--paths.output_root", tmp / "outputs", "--paths.data_dir", tmp / "data",
-               "--model.name_or_path", tiny, "--model.dtype", "float32", *TINY_BUDGETS]
-    return tmp, [str(part) for part in command]
-
-
-TINY_BUDGETS = ["--training.max_steps", "1", "--validation.num_samples", "2", "--validation.max_new_tokens", "8",
-                "--generation.max_new_tokens", "8", "--training.per_device_train_batch_size", "2",
-                "--training.gradient_accumulation_steps", "2"]
-
-
-def run_driver(command, *extra):
-    return subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.slow
-def test_driver_end_to_end_then_resume(e2e):
-    tmp, command = e2e
-    done = run_driver(command)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    run = tmp / "outputs" / "e2e"
-    for path in ("03_sft/ckpt_sft/final", "05_ppo/ckpt_ppo/final", "06_grpo/ckpt_grpo/final",
-                 "07_rloo/ckpt_rloo/final", "09_dpo/ckpt_dpo/final", "11_comparison/report.md", "run_manifest.json",
-                 "README.md", *(f"10_evaluation/{p}/metrics.json" for p in ("base", "sft", "ppo", "grpo", "rloo", "dpo"))):
-        assert (run / path).exists(), path
-    report = (run / "11_comparison" / "report.md").read_text()
-    assert all(method in report for method in ("base", "sft", "ppo", "grpo", "rloo", "dpo"))
-    state = json.loads((run / "run_manifest.json").read_text())
-    assert state["status"] == "complete" and state["methods"] == ["ppo", "grpo", "rloo", "dpo"]
-    assert len(state["stages"]) == 17 and all(r["status"] == "complete" for r in state["stages"].values())
-    assert all(Path(r["manifest"]).is_file() and Path(r["log"]).is_file() for r in state["stages"].values())
-    assert "| ppo |" in (run / "README.md").read_text()
-    assert not (REPO / "outputs" / "e2e").exists()           # everything went to tmp_path
-
-    t0 = time.monotonic()
-    again = run_driver(command)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert again.stdout.count(": skipped (") == 17, again.stdout
-    assert time.monotonic() - t0 < 30
-
-    forced = run_driver(command, "--force", "11_comparison", "--dry_run")  # the plan names what would rerun
-    assert "11_comparison: run (forced" in forced.stdout and forced.stdout.count(": skip (") == 16

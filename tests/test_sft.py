@@ -118,6 +118,23 @@ def test_sft_resume_without_checkpoint_fails_clearly(tiny, tmp_path):
     assert "--resume: no resumable checkpoint" in done.stderr
 
 
+def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
+    """A checkpoint without trainer_state.json (written last) was cut short by a kill: --resume skips it;
+    --resume auto starts afresh when there is none."""
+    trainer = tmp_path / "run" / "trainer"
+    for step, complete in ((2, True), (10, True), (12, False)):
+        (trainer / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (trainer / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert training.last_trainer_checkpoint(trainer) == str(trainer / "checkpoint-10")   # 10 > 2 as numbers
+    assert training.prepare_folder(tmp_path / "run", ("logs",), "auto") == str(trainer / "checkpoint-10")
+    (tmp_path / "fresh" / "logs").mkdir(parents=True)
+    assert training.prepare_folder(tmp_path / "fresh", ("logs",), "auto") is None      # nothing to continue
+    assert not (tmp_path / "fresh" / "logs").exists()                                   # a fresh run's clean-up
+    with pytest.raises(FileNotFoundError, match="no resumable checkpoint"):
+        training.prepare_folder(tmp_path / "fresh", ("logs",), "last")
+
+
 def test_sft_stops_on_non_finite_loss(tiny, tmp_path):
     # a learning rate of 1e30 turns the LoRA weights to inf after one update, the loss to NaN
     done = sft(tiny, tmp_path, "--max_steps", "4", "--learning_rate", "1e30", "--training.warmup_ratio", "0",

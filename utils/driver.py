@@ -31,6 +31,8 @@ METHOD_STAGES = {"ppo": ("05_ppo", "05_train_ppo.py"), "grpo": ("06_grpo", "06_t
 # scripts that train or generate, so take --quick_test
 QUICK_TEST_SCRIPTS = {"01_prepare_dataset.py", "03_sft_train.py", "04_generate_candidates.py", "05_train_ppo.py",
                       "06_train_grpo.py", "07_train_rloo.py", "09_train_dpo.py", "10_evaluate.py"}
+# trainers whose --resume continues from their newest complete checkpoint
+RESUMABLE_SCRIPTS = {"03_sft_train.py", *(script for _, script in METHOD_STAGES.values())}
 SYNTHETIC_DATA_DIR = "datasets/synthetic_processed"
 # flags the driver sets per stage: a pass-through copy would fight it
 RESERVED_OVERRIDES = {"seed": "--seeds", "training.seed": "--seeds", "output_dir": "--run_id and paths.output_root",
@@ -265,6 +267,18 @@ def decide(stage: Stage, record: dict | None, manifest: dict | None, forced: boo
     if fingerprint_of(record.get("outputs") or []) != record.get("outputs_fingerprint"):
         return True, "its outputs were rewritten or removed since"
     return False, "complete; command, inputs and outputs unchanged"
+
+
+def resume_args(stage: Stage, record: dict | None, sha_of) -> tuple[str, ...]:
+    """("--resume", "auto") for a trainer whose last attempt was cut short (killed: its record still says
+    running; or Ctrl-C: interrupted) under the same command line and inputs: it continues from its newest
+    complete checkpoint, if it wrote one, instead of losing the steps it had done. A failed attempt, or a
+    changed command or input, starts afresh. record: the stage's entry in run_manifest.json."""
+    if stage.script not in RESUMABLE_SCRIPTS or not record or record.get("status") not in ("running", "interrupted"):
+        return ()
+    if record.get("argv") != stage.argv or any(sha_of(p) != d for p, d in (record.get("inputs") or {}).items()):
+        return ()
+    return ("--resume", "auto")
 
 
 def stage_record(stage: Stage, manifest: dict, duration_s: float, sha_of, fingerprint_of, log: str,

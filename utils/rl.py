@@ -310,8 +310,9 @@ def argument_parser(description: str, method: str, quick_test: dict, quick_help:
                         help=f"smoke run: {quick_help} (" + ", ".join(f"{k} {v}" for k, v in quick_test.items())
                              + "; explicit flags win)")
     parser.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
-                        help="continue an interrupted run: from the newest resumable checkpoint in the output "
-                             "folder, or the one given (optimizer, scheduler, RNG, log and best so far)")
+                        help="continue an interrupted run: from the newest complete checkpoint in the output "
+                             "folder, or the one given (optimizer, scheduler, RNG, training log and best so far); "
+                             "'--resume auto': the newest if there is one, else start afresh")
     return parser
 
 

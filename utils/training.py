@@ -139,19 +139,22 @@ def prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint=No
     Args:
         folder: the module folder.
         outputs: names in it that a fresh run removes (with "trainer", the trainer's checkpoints).
-        resume: None (a fresh run), "last" (the newest resumable checkpoint) or a checkpoint path.
+        resume: None (a fresh run), "last" (the newest resumable checkpoint), "auto" (the newest if
+            there is one, else a fresh run: what 12_driver.py passes after a kill) or a checkpoint path.
         last_checkpoint: folder -> the newest resumable checkpoint or None (default: the
-            trainer's newest trainer/checkpoint-N).
+            trainer's newest complete trainer/checkpoint-N).
     """
     folder = Path(folder)
     if resume is not None:
         find = last_checkpoint or (lambda f: last_trainer_checkpoint(f / "trainer"))
-        found = find(folder) if resume == "last" else (resume if Path(resume).is_dir() else None)
-        if found is None:
+        found = find(folder) if resume in ("last", "auto") else (resume if Path(resume).is_dir() else None)
+        if found is not None:
+            print(f"resuming from {found}")
+            return str(found)
+        if resume != "auto":
             raise FileNotFoundError(f"--resume: no resumable checkpoint {'in ' + str(folder) if resume == 'last' else resume}"
                                     f"; run without --resume to start training")
-        print(f"resuming from {found}")
-        return str(found)
+        print(f"--resume auto: no checkpoint in {folder} to continue from; starting afresh")
     for name in ("trainer", *outputs):
         if (folder / name).exists():
             print(f"fresh run: removing the previous {folder / name} (use --resume to continue it)")
@@ -211,6 +214,18 @@ def save_merged(adapter_folder, dest, cfg: dict) -> Path:
     return save_policy(model, modeling.load_tokenizer(str(adapter_folder)), cfg, dest)
 
 
+def restore_token_count(trainer, checkpoint) -> None:
+    """Continue TRL's trained-token count (`num_tokens`) from a resumed checkpoint. TRL's SFT and DPO
+    trainers keep it in trainer._total_train_tokens, which a checkpoint does not restore (GRPO and RLOO
+    keep it in the trainer state, which it does): a resumed run would count its tokens from 0."""
+    if not hasattr(trainer, "_total_train_tokens"):
+        return
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    counts = [entry["num_tokens"] for entry in history if "loss" in entry and "num_tokens" in entry]
+    if counts:
+        trainer._total_train_tokens = int(counts[-1])
+
+
 def step_folders(ckpt_dir) -> list[tuple[int, Path]]:
     """(step, folder) of every step_N checkpoint, oldest first."""
     found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step_*")
@@ -219,10 +234,11 @@ def step_folders(ckpt_dir) -> list[tuple[int, Path]]:
 
 
 def last_trainer_checkpoint(trainer_dir) -> str | None:
-    """The newest checkpoint-N folder the trainer wrote (what --resume continues from)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
+    """The newest complete checkpoint-N folder the trainer wrote (what --resume continues from). The
+    trainer writes trainer_state.json last: a folder without it was cut short by a kill."""
+    found = [(int(m.group(1)), p) for p in Path(trainer_dir).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
+    return str(max(found)[1]) if found else None
 
 
 def prune_step_folders(ckpt_dir, keep: int | None) -> None:

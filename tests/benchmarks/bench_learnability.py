@@ -172,11 +172,9 @@ def rloo_variance(args, run_dir: Path, sft: Path, data_flags: list) -> dict:
     variance of plain REINFORCE and of the leave-one-out estimator on the same samples."""
     run_stage("rloo_variance", ["tests/benchmarks/bench_rloo_variance.py", "--policy_ckpt", sft, "--data",
                                 data_flags[1], *data_flags[-2:], "--num_prompts", 16, "--k", 4,
-                                "--max_new_tokens", 96, "--seed", args.seed], run_dir)
-    lines = (run_dir / "logs" / "rloo_variance.log").read_text(encoding="utf-8").splitlines()
-    value = lambda label: float(next(line for line in lines if label in line).split()[-1])  # noqa: E731
-    return {"reinforce": value("plain REINFORCE"), "leave_one_out": value("leave-one-out"),
-            "mean_reward": value("mean reward")}
+                                "--max_new_tokens", 96, "--seed", args.seed, "--json", run_dir / "rloo_variance.json"],
+              run_dir)
+    return read_json(run_dir / "rloo_variance.json")
 
 
 def cpu_flags() -> str:

@@ -29,7 +29,7 @@ from utils.modeling import resolve_checkpoint  # noqa: E402
 from utils.generation import generate  # noqa: E402
 from tests.fixtures.tiny_model import build_tiny_model  # noqa: E402
 from utils.rewards import RewardSpec, load_spec, score  # noqa: E402
-from utils.runs import read_jsonl  # noqa: E402
+from utils.runs import atomic_write_json, read_jsonl  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_DATA = ROOT / "datasets" / "finqa_processed" / "train.jsonl"
@@ -67,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the figures to PATH: mean_reward, reinforce, leave_one_out, ratio")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -102,6 +104,9 @@ def main(argv=None):
     print(f"gradient variance, plain REINFORCE (R):          {reinforce:.6g}")
     print(f"gradient variance, leave-one-out (R - b_loo):    {loo:.6g}")
     print(f"ratio RLOO / REINFORCE: {loo / reinforce:.4f}" if reinforce > 0 else "REINFORCE variance is 0")
+    if args.json:
+        atomic_write_json(args.json, {"mean_reward": sum(rewards) / len(rewards), "reinforce": reinforce,
+                                      "leave_one_out": loo, "ratio": loo / reinforce if reinforce > 0 else None})
 
 
 if __name__ == "__main__":
