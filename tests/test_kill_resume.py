@@ -212,7 +212,8 @@ def test_killed_anywhere_and_rerun_ends_with_the_uninterrupted_result(job, refer
     assert state["status"] == "complete" and len(state["invocations"]) == len(KILL_POINTS) + 1
     for name, record in state["stages"].items():   # the manifest chain: every stage complete, its inputs recorded
         assert record["status"] == "complete", name
-        assert json.loads(Path(record["manifest"]).read_text())["status"] == "complete", name
+        manifest = run.parent.parent / Path(record["manifest"]).relative_to(tmp / "work")   # where it moved
+        assert json.loads(manifest.read_text())["status"] == "complete", name
     leftovers = [p for p in run.parent.parent.rglob("*") if p.name.startswith(".") or ".partial-" in p.name
                  or p.name.endswith(".tmp")]
     assert leftovers == []                           # no half-written file or checkpoint

@@ -40,7 +40,7 @@ RATES = ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "va
 # shows whether each method learns at all, and what it costs (README, Benchmarks)
 LEARNABILITY_HINT = ("whether each method learns at all is what `python tests/benchmarks/bench_learnability.py` "
                      "shows (every method on the same sampled completions from a weak SFT start, sampled reward "
-                     "on 100 val prompts with paired CIs; about 120 min on 2 CPU cores)")
+                     "on 100 val prompts with paired CIs; about 150 min on 2 CPU cores)")
 SAMPLING = ("num_samples", "sample_temperature", "sample_top_p")
 SAMPLED = ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k")
 SUMMARY_COLUMNS = ["run", "policy", "method", "seed", "model", "context_mode", "dataset_source", "n", "exec_acc",
