@@ -99,7 +99,7 @@ def run_stage(stage: driver.Stage, log_path: Path, extra=()) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # unbuffered: `tail -f` the log while a stage runs; a resumed stage's log keeps the cut-short attempt
     with open(log_path, "ab" if extra else "wb", buffering=0) as log:
-        log.write(f"$ {shlex.join([stage.command, *extra]) if extra else stage.command}\n".encode())
+        log.write(f"$ {' '.join([stage.command, *extra])}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         try:
             for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
