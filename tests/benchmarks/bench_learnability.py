@@ -10,7 +10,8 @@ of 4 examples), whose sampled answers are often not valid JSON: completions with
 in reward and every method has a signal. From it each method trains on the same number of sampled
 completions (--completions, default 128): GRPO and RLOO 8 steps of 4 prompts x 4, PPO 16 iterations
 of 8 prompts, DPO on the pairs 08 builds from 32 train prompts x 4 candidates (04). Their learning
-rates are below (LEARNING_RATES, with the reason); everything else is the algorithm YAML's default.
+rates and the few other flags they need at this budget are below (LEARNING_RATES, METHOD_FLAGS, with
+the reason); everything else is the algorithm YAML's default.
 
 Measured on all --val_examples (100) val prompts, at the start and at the end (the final checkpoint,
 not the best on val: picking on these prompts would flatter every method), by 10_evaluate.py: greedy,
@@ -53,10 +54,13 @@ from utils.runs import read_json  # noqa: E402
 # Per-method learning rates for a budget of ~10 optimizer steps (the YAMLs' 1e-5 / 5e-6 are for
 # hundreds): GRPO and RLOO take one Adam step per 16 completions, so 8 steps at 1e-4 move the
 # LoRA about as far as SFT's first steps (the issue's feasibility run: GRPO at 1e-4 raised valid
-# JSON 90 -> 99 % in 8 steps); PPO takes 8 clipped steps per rollout (4 epochs x 2 mini-batches),
-# 128 in all, so the YAML's 1e-5 already moves it as far; DPO sees each pair 3 times (epochs).
-LEARNING_RATES = {"grpo": 1e-4, "rloo": 1e-4, "ppo": 1e-5, "dpo": 5e-5}
-DPO_EPOCHS = 3
+# JSON 90 -> 99 % in 8 steps). PPO: 2 update epochs instead of ppo.yaml's 4 (4 x 2 mini-batches
+# passed the criterion at lr 1e-5, +0.034, KL 0.25, but the update was 70 % of an iteration and
+# the run ~33 min alone, over the 30-min budget), so 4 clipped steps per rollout at twice the rate.
+# DPO: 3 epochs over its pairs at 5e-5 gave the largest gain (+0.145) but ended 8.06 nats from the
+# reference (target 6); 2 epochs at 4e-5 move the LoRA about half as far (Adam: steps x rate).
+LEARNING_RATES = {"grpo": 1e-4, "rloo": 1e-4, "ppo": 2e-5, "dpo": 4e-5}
+METHOD_FLAGS = {"ppo": ["--algorithm.ppo_epochs", 2], "dpo": ["--epochs", 2, "--max_steps", -1]}
 COMPLETIONS_PER_STEP = {"grpo": 16, "rloo": 16, "ppo": 8}  # the YAML defaults: 4 prompts x 4, 8 prompts x 1
 CANDIDATES = 4  # DPO: 04's candidates per prompt
 SAMPLE = {"temperature": 0.8, "top_p": 1.0}  # the training temperature of GRPO, RLOO and PPO
@@ -142,11 +146,11 @@ def train(method: str, args, run_dir: Path, common: list, data_flags: list, sft:
         seconds += run_stage("08_preferences", ["08_build_prefs.py", *common, "--candidates_dir",
                                                 run_dir / "04_candidates"], run_dir)
         argv = [script, *common, "--policy_ckpt", sft, "--pairs", run_dir / "08_preferences" / "pairs.jsonl",
-                *data_flags[2:], "--epochs", DPO_EPOCHS, "--max_steps", -1, *lr]
+                *data_flags[2:], *METHOD_FLAGS["dpo"], *lr]
         return seconds + run_stage(module, [*argv, "--training.logging_steps", 1, *extra], run_dir)
     steps = args.completions // COMPLETIONS_PER_STEP[method]
     argv = [script, *common, "--policy_ckpt", sft, *data_flags, "--max_steps", steps, *lr,
-            "--validation.eval_steps", steps, "--validation.num_samples", 4, "--training.logging_steps", 1,
+            *METHOD_FLAGS.get(method, []), "--validation.eval_steps", steps, "--validation.num_samples", 4, "--training.logging_steps", 1,
             "--training.save_steps", steps]
     return run_stage(module, [*argv, *extra], run_dir)
 
@@ -216,7 +220,8 @@ def report(run_dir: Path) -> None:
     print(f"\n{'method':<6} {'lr':>7}  {'sampled reward':<16} {'diff [95% CI]':<26} {'sampled format':<16} "
           f"{'greedy format':<16} {'McNemar p':>9}  {'greedy reward':<18} {'exec_acc greedy':<16} "
           f"{'exec_acc sampled':<16} {'KL':>6} {'pref acc':>12}  verdict")
-    for method, row in summary["methods"].items():
+    rows = [(method, summary["methods"][method]) for method in METHODS if method in summary["methods"]]
+    for method, row in rows:
         end, change = row["end"], row["change"]
         low, high = change["sampled_reward_diff_ci95"]
         kl = "-" if row["kl"] is None else f"{row['kl']:.2f}"
@@ -227,9 +232,11 @@ def report(run_dir: Path) -> None:
               f"{change['greedy_format_mcnemar'][2]:>9.3g}  {arrow('reward_mean', end):<18} "
               f"{arrow('exec_acc', end, 2):<16} {arrow('sampled_exec_acc', end):<16} {kl:>6} {pref:>12}  "
               f"{'PASS' if passed(row, start, target) else 'FAIL'}")
+    if flags := [f"{method} {' '.join(row['flags'])}" for method, row in rows if row.get("flags")]:
+        print(f"flags beyond the algorithm YAML and the learning rate: {'; '.join(flags)}")
     print(f"\n{'method':<6} {'train s':>8} {'s/step':>7} {'generate':>9} {'rewards':>8} {'reference':>10} "
           f"{'update':>7} {'peak GB':>8} {'fp32 step GB':>13}")
-    for method, row in summary["methods"].items():
+    for method, row in rows:
         times = step_times(run_dir, method)
         cells = " ".join(f"{times[p]:>{w}.1f}" if p in times else f"{'-':>{w}}"
                          for p, w in (("step", 7), ("generate", 9), ("rewards", 8), ("reference", 10), ("update", 7)))
@@ -285,7 +292,8 @@ def main(args) -> int:
         end = evaluate(method, final, run_dir, common, data / "val.jsonl", args.val_examples, args.num_samples,
                        **SAMPLE)
         manifest = read_json(run_dir / module / "manifest.json")["metrics"]
-        row = {"learning_rate": LEARNING_RATES[method], "train_s": round(train_s, 1), "end": end,
+        row = {"learning_rate": LEARNING_RATES[method], "flags": [str(f) for f in METHOD_FLAGS.get(method, [])],
+               "train_s": round(train_s, 1), "end": end,
                "change": paired_change(run_dir, "start", method, args.seed), "kl": final_kl(run_dir, method),
                "peak_rss_gb": manifest.get("peak_rss_gb")}
         if method == "dpo":
