@@ -45,7 +45,7 @@ from transformers import TrainerCallback
 from utils import cli, rl, runs, training
 from utils import config as config_lib
 from utils.preferences import preference_accuracy, split_by_prompt
-from utils.data import is_messages
+from utils.data import is_id, is_messages
 
 MODULE = "09_dpo"
 METHOD = "dpo"
@@ -71,20 +71,18 @@ def is_turns(value) -> bool:
     return isinstance(value, str) or is_messages(value)
 
 
+# what 09 reads of each line of pairs.jsonl, with the type it must hold: (check, description)
+PAIR_FIELDS = {"id": (is_id, "a string"),
+               **{column: (is_turns, "a list of {role, content} messages or a text") for column in PAIR_COLUMNS[1:]}}
+
+
 def load_pairs(path: Path, limit: int | None) -> list[dict]:
-    """The first `limit` pairs' PAIR_COLUMNS. Every line must have them, with prompt, chosen and rejected in
-    one of TRL's forms (is_turns), the same for all three; errors name the file, the line and the column."""
+    """The first `limit` pairs' PAIR_COLUMNS (utils.runs.read_records): prompt, chosen and rejected in one
+    of TRL's forms (is_turns), the same for all three; errors name the file, the line and the column."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run python 08_build_prefs.py first (or pass --pairs FILE)")
-    numbered = runs.read_jsonl_numbered(path, writer="08_build_prefs.py")
+    numbered = runs.read_records(path, PAIR_FIELDS, "08_build_prefs.py")
     for line, pair in numbered:
-        missing = [column for column in PAIR_COLUMNS if column not in pair]
-        if missing:
-            raise cli.UsageError(f"{path}: line {line} lacks {', '.join(missing)}; rebuild it with "
-                                 f"python 08_build_prefs.py")
-        if wrong := [column for column in PAIR_COLUMNS[1:] if not is_turns(pair[column])]:
-            raise cli.UsageError(f"{path}: line {line}: {wrong[0]} should be a list of {{role, content}} messages or "
-                                 f"a text, got {repr(pair[wrong[0]])[:60]}; rebuild it with python 08_build_prefs.py")
         if len({isinstance(pair[column], str) for column in PAIR_COLUMNS[1:]}) > 1:
             raise cli.UsageError(f"{path}: line {line}: prompt, chosen and rejected mix messages and texts (TRL takes "
                                  f"one form); rebuild it with python 08_build_prefs.py")

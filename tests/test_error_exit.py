@@ -72,4 +72,4 @@ def test_processed_file_without_the_reward_columns(tmp_path):
     train.write_text('{"id": "a", "prompt": [{"role": "user", "content": "q"}]}\n')
     done = run("06_train_grpo.py", "--train_jsonl", str(train), tmp_path=tmp_path)
     assert_one_error_line(done, str(train))
-    assert "missing columns" in done.stderr and "01_prepare_dataset.py" in done.stderr
+    assert "line 1 lacks table, exe_ans" in done.stderr and "01_prepare_dataset.py" in done.stderr

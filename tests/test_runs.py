@@ -159,6 +159,21 @@ def test_read_jsonl_names_file_and_line(tmp_path):
         runs.read_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_read_records_checks_the_fields_it_is_given(tmp_path):
+    fields = {"id": (lambda v: isinstance(v, str), "a string"), "score": (lambda v: isinstance(v, float), "a float")}
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "score": 0.5, "extra": [1]}\n\n{"id": "b", "score": 1.5}\n')
+    assert runs.read_records(path, fields, "w.py") == [(1, {"id": "a", "score": 0.5, "extra": [1]}),
+                                                        (3, {"id": "b", "score": 1.5})]
+    path.write_text('{"id": "a", "score": 0.5}\n{"id": "b"}\n')
+    with pytest.raises(runs.UsageError, match=r"records.jsonl: line 2 lacks score; rerun python w.py"):
+        runs.read_records(path, fields, "w.py")
+    assert runs.read_records(path, fields, "w.py", required=("id",))[1] == (2, {"id": "b"})
+    path.write_text('{"id": "a", "score": "high"}\n')
+    with pytest.raises(runs.UsageError, match=r"line 1: score should be a float, got 'high'; rerun python w.py"):
+        runs.read_records(path, fields, "w.py", required=("id",))
+
+
 # --- seeding ---
 def draws():
     return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()

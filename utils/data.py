@@ -354,26 +354,12 @@ _FIELD_TYPES = {
 
 
 def read_processed(path, required=("id", "prompt", *REWARD_FIELDS)) -> list[dict]:
-    """The rows of a processed split (01_prepare_dataset.py's JSONL), checked.
-
-    Every row must have the `required` fields, and each field of _FIELD_TYPES it has must hold its
-    type (a NaN or infinite exe_ans is not a number). Fields the pipeline does not know are kept:
-    rows are extensible. Raises FileNotFoundError when the file is missing, DataError naming the file,
-    the line and the field, with the fix, when it is empty, unreadable (utils.runs.read_jsonl) or a
-    row is wrong.
-    """
-    path = Path(path)
-    numbered = runs.read_jsonl_numbered(path, writer=PREPARE)
-    if not numbered:
+    """The rows of a processed split (01_prepare_dataset.py's JSONL), checked by utils.runs.read_records:
+    every row has the `required` fields and each field of _FIELD_TYPES it has holds its type (a NaN or
+    infinite exe_ans is not a number); fields the pipeline does not know are kept. Raises
+    FileNotFoundError when the file is missing, UsageError naming the file, the line and the field, with
+    the fix, when it is empty, unreadable or a row is wrong."""
+    rows = [row for _, row in runs.read_records(path, _FIELD_TYPES, PREPARE, required)]
+    if not rows:
         raise DataError(f"{path} holds no examples: rerun python {PREPARE}")
-    for line, row in numbered:
-        missing = [name for name in required if name not in row]
-        if missing:
-            raise DataError(f"{path}: line {line}: missing columns {missing}; it is not a processed split of "
-                            f"{PREPARE}: rerun python {PREPARE}")
-        for name, value in row.items():
-            check, wanted = _FIELD_TYPES.get(name, (None, None))
-            if check is not None and not check(value):
-                raise DataError(f"{path}: line {line}: field {name!r} should be {wanted}, got {_short(value)}; "
-                                f"rerun python {PREPARE}")
-    return [row for _, row in numbered]
+    return rows

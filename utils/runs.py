@@ -156,6 +156,23 @@ def read_jsonl_numbered(path: str | Path, writer: str | None = None) -> list[tup
     return rows
 
 
+def read_records(path: str | Path, fields: dict, writer: str, required=None) -> list[tuple[int, dict]]:
+    """(line number, record) of a JSONL file of records that `writer` wrote, checked: each has the
+    `required` fields (default: all of `fields`) and each field of `fields` it has passes its check.
+    fields: {name: (check, what it should be)}; other fields are kept (records are extensible).
+    Errors name the file, the line and the field, with the fix (rerun `writer`)."""
+    numbered = read_jsonl_numbered(path, writer)
+    for lineno, row in numbered:
+        if missing := [name for name in (fields if required is None else required) if name not in row]:
+            raise UsageError(f"{path}: line {lineno} lacks {', '.join(missing)}; {_rerun(writer)}")
+        for name, value in row.items():
+            check, wanted = fields.get(name, (None, None))
+            if check is not None and not check(value):
+                raise UsageError(f"{path}: line {lineno}: {name} should be {wanted}, got {repr(value)[:60]}; "
+                                 f"{_rerun(writer)}")
+    return numbered
+
+
 def read_jsonl(path: str | Path, writer: str | None = None) -> list[dict]:
     """Read a JSONL file (blank lines skipped); errors name the file, the line and the fix."""
     return [row for _, row in read_jsonl_numbered(path, writer)]
