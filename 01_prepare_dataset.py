@@ -75,7 +75,7 @@ def require_valid(path: Path, examples: list) -> list:
               if (problems := [p for p in validate_example(raw) if not p.startswith(NOTE_PREFIX)])]
     if broken:
         position, raw, problems = broken[0]
-        example_id = repr(raw.get("id") if isinstance(raw, dict) else None)[:60]
+        example_id = runs.short_repr(raw.get("id") if isinstance(raw, dict) else None)
         more = f" (and {len(broken) - 1} more broken examples)" if len(broken) > 1 else ""
         raise DataError(f"{path}: example {position} (id {example_id}): {'; '.join(problems)}{more}. List every "
                         f"problem with python 00_check_data.py --data_root {path.parent}; re-download the data "

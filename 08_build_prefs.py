@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 # --- helpers ---
 
-def read_records(path: Path, fields: dict, what: str) -> list[tuple[int, dict]]:
+def read_rows(path: Path, fields: dict, what: str) -> list[tuple[int, dict]]:
     """(line, record) of one of 04's files (utils.runs.read_records), which must not be empty."""
     numbered = runs.read_records(path, fields, "04_generate_candidates.py")
     if not numbered:
@@ -77,10 +77,10 @@ def load_candidates(folder: Path) -> tuple[list[dict], dict[str, list[dict]]]:
         if not path.is_file():
             raise cli.UsageError(f"{path} not found: run `python 04_generate_candidates.py` first "
                                   f"(or pass --candidates_dir FOLDER holding candidates.jsonl and scores.jsonl)")
-    prompts = [row for _, row in read_records(paths["candidates"], CANDIDATE_FIELDS, "prompts")]
+    prompts = [row for _, row in read_rows(paths["candidates"], CANDIDATE_FIELDS, "prompts")]
     completions = {row["id"]: row["completions"] for row in prompts}
     scored, seen = defaultdict(list), set()
-    for line, row in read_records(paths["scores"], SCORE_FIELDS, "scored candidates"):
+    for line, row in read_rows(paths["scores"], SCORE_FIELDS, "scored candidates"):
         texts = completions.get(row["id"])
         if texts is None or not row["candidate"] < len(texts) or texts[row["candidate"]] != row["completion"]:
             raise cli.UsageError(f"{paths['scores']}: line {line} (id {row['id']!r}, candidate {row['candidate']}) "

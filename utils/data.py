@@ -112,7 +112,7 @@ def validate_example(raw) -> list[str]:
         problems.append("qa.answer: missing or not a string")
     exe_ans = qa.get("exe_ans")
     if not (exe_ans in ("yes", "no") or is_finite_number(exe_ans)):
-        problems.append(f"qa.exe_ans: should be a number, 'yes' or 'no', found {_short(exe_ans)}")
+        problems.append(f"qa.exe_ans: should be a number, 'yes' or 'no', found {runs.short_repr(exe_ans)}")
     gold = qa.get("gold_inds")
     if not isinstance(gold, dict) or not all(_fact_key_ok(k) and isinstance(v, str)
                                              for k, v in gold.items()):
@@ -127,12 +127,6 @@ def validate_example(raw) -> list[str]:
 def is_finite_number(value) -> bool:
     """An int or float that is not a bool, NaN or infinite (json reads NaN and Infinity as floats)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _short(value, limit: int = 60) -> str:
-    """repr(value), cut: an error message must not repeat a huge field."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _fact_key_ok(key) -> bool:

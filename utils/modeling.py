@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from utils.cli import UsageError
+from utils.runs import short_repr
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "smollm2-135m"
@@ -336,7 +337,7 @@ def _adapter_base(folder: Path) -> str | None:
     base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
     if not isinstance(base, str) or not base:
         raise ModelLoadError(f"{adapter_config}: base_model_name_or_path should name the base model, got "
-                             f"{repr(base)[:60]}; {COMPLETE_FIX}")
+                             f"{short_repr(base)}; {COMPLETE_FIX}")
     local = _repo_path(base)
     return resolve_model_path(str(local) if local.exists() else base)
 

@@ -156,6 +156,12 @@ def read_jsonl_numbered(path: str | Path, writer: str | None = None) -> list[tup
     return rows
 
 
+def short_repr(value, limit: int = 60) -> str:
+    """repr(value), cut: an error message must not repeat a huge field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_records(path: str | Path, fields: dict, writer: str, required=None) -> list[tuple[int, dict]]:
     """(line number, record) of a JSONL file of records that `writer` wrote, checked: each has the
     `required` fields (default: all of `fields`) and each field of `fields` it has passes its check.
@@ -168,7 +174,7 @@ def read_records(path: str | Path, fields: dict, writer: str, required=None) -> 
         for name, value in row.items():
             check, wanted = fields.get(name, (None, None))
             if check is not None and not check(value):
-                raise UsageError(f"{path}: line {lineno}: {name} should be {wanted}, got {repr(value)[:60]}; "
+                raise UsageError(f"{path}: line {lineno}: {name} should be {wanted}, got {short_repr(value)}; "
                                  f"{_rerun(writer)}")
     return numbered
 

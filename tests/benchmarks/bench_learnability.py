@@ -150,8 +150,8 @@ def train(method: str, args, run_dir: Path, common: list, data_flags: list, sft:
         return seconds + run_stage(module, [*argv, "--training.logging_steps", 1, *extra], run_dir)
     steps = args.completions // COMPLETIONS_PER_STEP[method]
     argv = [script, *common, "--policy_ckpt", sft, *data_flags, "--max_steps", steps, *lr,
-            *METHOD_FLAGS.get(method, []), "--validation.eval_steps", steps, "--validation.num_samples", 4, "--training.logging_steps", 1,
-            "--training.save_steps", steps]
+            *METHOD_FLAGS.get(method, []), "--validation.eval_steps", steps, "--validation.num_samples", 4,
+            "--training.logging_steps", 1, "--training.save_steps", steps]
     return run_stage(module, [*argv, *extra], run_dir)
 
 
