@@ -3,10 +3,13 @@
     python 01_prepare_dataset.py                                  # retrieved context (the default)
     python 01_prepare_dataset.py --context_mode full --max_prompt_tokens 896
     python 01_prepare_dataset.py --dataset synthetic --num_examples 1000 --seed 0
+    python 01_prepare_dataset.py --dataset synthetic --levels 1 --num_examples 1200   # one-step programs
 
 FinQA: datasets/finqa/{train,dev,test}.json -> datasets/finqa_processed/{train,val,test}.jsonl
-(dev becomes val). Synthetic: utils/synthetic.py -> datasets/synthetic_processed/. Each line has
-the fields of DESIGN.md (prompt/completion in TRL's conversational format). A FinQA example that
+(dev becomes val). Synthetic: utils/synthetic.py -> datasets/synthetic_processed/; --levels picks
+rungs of its difficulty ladder (1: one-step programs, 2: two steps, 3: three steps; several mix in
+equal shares). Each line has the fields of DESIGN.md (prompt/completion in TRL's conversational
+format) and its level, the gold program's number of steps; the manifest counts rows per level. A FinQA example that
 breaks the schema (utils.data.validate_example: a missing or mistyped field, a NaN exe_ans) stops
 the run with an error naming it, before anything is written. Context modes:
 retrieved (qa.model_input, non-oracle), gold (qa.gold_inds, an ORACLE: label results so), full
@@ -24,6 +27,7 @@ from utils import cli, runs
 from utils.data import CONTEXT_MODES, GET_DATA_HINT, NOTE_PREFIX, DataError, build_context, load_finqa_split, \
     to_processed, validate_example
 from utils.finqa_program import exec_correct
+from utils.synthetic import LEVELS, generate
 
 MODULE = "01_preprocessing"
 RAW_TO_PROCESSED = {"train": "train", "dev": "val", "test": "test"}  # FinQA file -> JSONL name
@@ -47,6 +51,9 @@ def parse_args(argv=None):
                         help="folder with the raw FinQA {train,dev,test}.json (default: %(default)s)")
     parser.add_argument("--num_examples", type=int, default=1000,
                         help="synthetic: examples over all splits, 80/10/10 (default: %(default)s)")
+    parser.add_argument("--levels", type=int, nargs="+", choices=LEVELS, default=None,
+                        help="synthetic: difficulty levels, the gold program's number of steps, mixed in "
+                             "equal shares (default: the whole template mix)")
     parser.add_argument("--quick_test", action="store_true",
                         help=f"only the first {QUICK_TEST_EXAMPLES} examples per split")
     return parser.parse_known_args(argv)
@@ -57,8 +64,7 @@ def parse_args(argv=None):
 def load_raw_splits(args, seed: int, manifest) -> dict[str, list]:
     """{jsonl split name: raw FinQA-format examples}."""
     if args.dataset == "synthetic":
-        from utils.synthetic import generate
-        generated = generate(args.num_examples, seed)
+        generated = generate(args.num_examples, seed, levels=args.levels)
         return {RAW_TO_PROCESSED[split]: examples for split, examples in generated.items()}
     splits = {}
     for raw_split, split in RAW_TO_PROCESSED.items():
@@ -109,8 +115,10 @@ def process_split(split, examples, args, source, tokenizer, max_prompt_tokens) -
         if args.context_mode == "full" and tokenizer is not None:
             truncated += row["context"] != build_context(raw, "full")
         rows.append(row)
+    levels = [row["level"] for row in rows]
     stats = {"n_raw": len(examples), "n_written": len(rows), "n_dropped": len(dropped),
-             "dropped": dropped, "n_gold_program_mismatch_kept": mismatches}
+             "dropped": dropped, "n_gold_program_mismatch_kept": mismatches,
+             "levels": {str(level): levels.count(level) for level in sorted(set(levels))}}
     if args.context_mode == "full":
         stats["n_context_truncated"] = truncated
     return rows, stats
@@ -122,6 +130,9 @@ def main(args, extra_tokens=()) -> dict:
     cfg = config_lib.from_args(args, extra_tokens)
     seed = cfg["training"]["seed"]
     source = args.dataset
+    if args.levels and source != "synthetic":
+        raise cli.UsageError(f"--levels {' '.join(map(str, args.levels))} picks rungs of the synthetic ladder: "
+                             "add --dataset synthetic (FinQA rows record their level, the step count, anyway)")
     default_dir = cfg["paths"]["data_dir"] if source == "finqa" else "datasets/synthetic_processed"
     out_dir = Path(cfg["paths"]["output_dir"] or default_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +163,8 @@ def main(args, extra_tokens=()) -> dict:
                 print(f"  {split}: {stats['n_written']} written, {stats['n_dropped']} dropped, "
                       f"{stats['n_gold_program_mismatch_kept']} kept whose gold program does not "
                       f"execute to exe_ans" + (f", {stats['n_context_truncated']} contexts truncated"
-                                               if "n_context_truncated" in stats else ""))
+                                               if "n_context_truncated" in stats else "")
+                      + "; levels (steps) " + ", ".join(f"{k}: {v}" for k, v in stats["levels"].items()))
                 for drop in stats["dropped"]:
                     print(f"    dropped example {drop['position']}: {drop['reason']}")
             manifest.metrics.update({
@@ -163,7 +175,8 @@ def main(args, extra_tokens=()) -> dict:
                 "files": files,
             })
             if source == "synthetic":
-                manifest.metrics["synthetic"] = {"num_examples": args.num_examples, "seed": seed}
+                manifest.metrics["synthetic"] = {"num_examples": args.num_examples, "seed": seed,
+                                                 "levels": args.levels or "mix"}
     finally:
         if manifest.path.is_file():
             runs.atomic_write_text(run_folder / "manifest.json", manifest.path.read_text(encoding="utf-8"))

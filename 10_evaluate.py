@@ -10,7 +10,7 @@
 Greedy decoding is the default. --num_samples K adds K sampled completions per prompt (beside the greedy
 one): metrics.json gains sampled_<metric> = the mean over prompts of each prompt's mean over its K samples
 (the expected score of one sample, what RL optimizes), with bootstrap CIs over prompts, and
-sampled_exec_pass_at_k; breakdown.csv gains each prompt's sampled means. On 100 prompts the sampled
+sampled_exec_pass_at_k; breakdown.csv gains each prompt's sampled means and whether any sample was right. On 100 prompts the sampled
 means' CIs are much narrower than greedy's 0/1 outcomes give.
 
 --policy_ckpt: a checkpoint folder (LoRA adapter or full model), or a ckpt_<method> or module folder
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from utils import cli, runs
 from utils import config as config_lib
-from utils.data import REWARD_FIELDS, read_processed
+from utils.data import REWARD_FIELDS, program_level, read_processed
 from utils.metrics import aggregate, aggregate_samples, failure_counts, format_table, score_official
 from utils.rewards import COMPONENTS, RewardSpec, load_spec, score, spec_to_yaml
 
@@ -181,6 +181,25 @@ def generate_completions(cfg, checkpoint, examples, args, seed):
     return greedy, sampled, wall, str(weight.dtype).replace("torch.", ""), str(weight.device)
 
 
+def by_level(examples, results, sampled_results=None) -> dict:
+    """exec_acc per difficulty level (gold program steps), greedy and, with samples, sampled (the mean
+    over prompts of each prompt's mean over its samples) and pass@K: {"1": {"n", "exec_acc", ...}}."""
+    groups: dict = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example_level(example), []).append(index)
+    table = {}
+    for level in sorted(groups, key=lambda value: (value is None, value)):
+        indices = groups[level]
+        row = {"n": len(indices), "exec_acc": sum(results[i].exec_correct for i in indices) / len(indices)}
+        if sampled_results:
+            row["sampled_exec_acc"] = sum(sum(r.exec_correct for r in sampled_results[i]) / len(sampled_results[i])
+                                          for i in indices) / len(indices)
+            row["sampled_exec_pass_at_k"] = sum(any(r.exec_correct for r in sampled_results[i])
+                                                for i in indices) / len(indices)
+        table[str(level)] = row
+    return table
+
+
 def sample_row(example, completion, num_tokens, result, predicted=None, missing=False, samples=None) -> dict:
     """One predictions.jsonl row; `samples`: the prompt's sampled (completion, num_tokens, result)s."""
     return {"id": example.get("id"), "question": example.get("question"), "completion": completion,
@@ -196,14 +215,24 @@ SAMPLED_COLUMNS = {"sampled_exec_acc": lambda r: r.exec_correct, "sampled_format
                    "sampled_reward_mean": lambda r: r.total}
 
 
+def example_level(example) -> int | None:
+    """The example's difficulty level (its gold program's steps): the processed row's, else counted."""
+    level = example.get("level")
+    if isinstance(level, int):
+        return level
+    program = example.get("target_program")
+    return program_level(program) if isinstance(program, str) else None
+
+
 def breakdown_csv(examples, results, sampled_results=None) -> str:
-    """One row per example: what was predicted, what it executed to, the gold, each fact; with
-    sampled results, the example's mean over its samples of exec_acc, format_rate and reward
-    (empty columns without)."""
-    rows = [{"id": e.get("id"), "predicted_program": r.predicted_program, "executed_value": r.executed_value,
-             "gold_program": e.get("target_program"), "exe_ans": e.get("exe_ans"),
+    """One row per example: its level, what was predicted, what it executed to, the gold, each fact;
+    with sampled results, the example's mean over its samples of exec_acc, format_rate and reward,
+    and whether any sample executed right (sampled_exec_pass; empty columns without)."""
+    rows = [{"id": e.get("id"), "level": example_level(e), "predicted_program": r.predicted_program,
+             "executed_value": r.executed_value, "gold_program": e.get("target_program"), "exe_ans": e.get("exe_ans"),
              **{fact: getattr(r, fact) for fact in FACTS}, "reward": r.total, "category": r.category,
-             **{name: sum(map(fact, samples)) / len(samples) if samples else "" for name, fact in SAMPLED_COLUMNS.items()}}
+             **{name: sum(map(fact, samples)) / len(samples) if samples else "" for name, fact in SAMPLED_COLUMNS.items()},
+             "sampled_exec_pass": any(x.exec_correct for x in samples) if samples else ""}
             for e, r, samples in zip(examples, results, sampled_results or [None] * len(examples))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -296,6 +325,7 @@ def evaluate(args, cfg) -> dict:
                    "max_new_tokens": None if predictions_path else args.max_new_tokens, **info,
                    **aggregate(results, tokens_generated, wall, seed=seed, n_resamples=args.bootstrap),
                    "failure_counts": failure_counts(results), "num_samples": args.num_samples,
+                   "by_level": by_level(examples, results, sampled_results),
                    **({"sample_temperature": args.temperature, "sample_top_p": args.top_p,
                        **aggregate_samples(sampled_results, seed=seed, n_resamples=args.bootstrap)}
                       if sampled_results else {})}

@@ -64,6 +64,9 @@ def test_predictions_jsonl(tmp_path):
         "fx-6": "invalid_program"}
     assert rows["fx-2"]["executed_value"] == "2150.0" and rows["fx-2"]["gold_program"] == "table_sum(revenue, none)"
     assert rows["fx-4"]["reward"] == "0.0" and rows["fx-1"]["exec_correct"] == "True"
+    # levels (gold program steps), counted where the rows have no level field: fx-1 two steps, the rest one
+    assert {i: r["level"] for i, r in rows.items()} == {"fx-1": "2", **{f"fx-{n}": "1" for n in range(2, 7)}}
+    assert metrics["by_level"] == {"1": {"n": 5, "exec_acc": 0.0}, "2": {"n": 1, "exec_acc": 1.0}}
     assert "1 of 6 examples have no prediction" in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and set(manifest["inputs"]) == {"data", "predictions"}
@@ -182,6 +185,11 @@ def test_sampled_evaluation(tmp_path):
     with open(folders["sampled"] / "breakdown.csv", newline="") as handle:
         breakdown = list(csv.DictReader(handle))
     assert [float(r["sampled_reward_mean"]) for r in breakdown] == pytest.approx(per_prompt)
+    assert [r["sampled_exec_pass"] == "True" for r in breakdown] == list(map(any, correct))
+    levels = sampled["by_level"]  # fx-1 has two steps, fx-2..fx-4 one
+    assert {k: v["n"] for k, v in levels.items()} == {"1": 3, "2": 1}
+    assert levels["1"]["sampled_exec_pass_at_k"] == pytest.approx(sum(map(any, correct[1:])) / 3)
+    assert levels["2"]["sampled_exec_acc"] == pytest.approx(sum(correct[0]) / 3)
     with open(folders["greedy"] / "breakdown.csv", newline="") as handle:
         assert {r["sampled_reward_mean"] for r in csv.DictReader(handle)} == {""}
 

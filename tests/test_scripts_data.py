@@ -171,6 +171,26 @@ def test_prepare_synthetic_is_deterministic(tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_prepare_synthetic_levels_rows_and_manifest(tmp_path):
+    out = tmp_path / "ladder"
+    done = run("01_prepare_dataset.py", "--dataset", "synthetic", "--levels", 1, 3, "--num_examples", 60,
+               "--output_dir", out, "--run_id", "ladder", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert {row["level"] for row in rows} == {1, 3}
+    assert all(row["level"] == row["target_program"].count("(") for row in rows)
+    manifest = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert manifest["synthetic"]["levels"] == [1, 3]
+    counts = manifest["files"]["train"]["levels"]
+    assert set(counts) == {"1", "3"} and sum(counts.values()) == len(rows) == 48
+
+
+def test_prepare_levels_need_the_synthetic_dataset(tmp_path):
+    done = run("01_prepare_dataset.py", "--levels", 1, "--output_dir", tmp_path / "p", tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--dataset synthetic" in done.stderr and not (tmp_path / "p" / "train.jsonl").exists()
+
+
 def test_prepare_missing_finqa_says_how_to_get_it(tmp_path):
     done = run("01_prepare_dataset.py", "--data_root", tmp_path / "nowhere", "--output_dir",
                tmp_path / "p", tmp_path=tmp_path)

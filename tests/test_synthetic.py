@@ -77,3 +77,51 @@ def test_every_context_mode_works(examples, mode):
 def test_bad_split_fractions(fractions):
     with pytest.raises(ValueError, match="split_fractions"):
         generate(10, seed=0, split_fractions=fractions)
+
+
+# --- the difficulty ladder ---
+@pytest.mark.parametrize("levels", [(1,), (2,), (3,), (1, 2), (1, 2, 3)])
+def test_levels_give_programs_of_that_many_steps(levels):
+    splits = generate(120, seed=3, levels=levels)
+    rows = [raw for split in splits.values() for raw in split]
+    assert {raw["qa"]["level"] for raw in rows} == set(levels)  # every level asked for, no other
+    for raw in rows:
+        assert raw["qa"]["level"] == len(raw["qa"]["steps"]) == \
+            sum(t.endswith("(") for t in tokenize(raw["qa"]["program"]))
+        assert exec_correct(raw["qa"]["program"], raw["table"], raw["qa"]["exe_ans"]), raw["id"]
+        assert validate_example(raw) == []
+
+
+def test_level_templates_cover_what_each_rung_promises():
+    rows = [raw for split in generate(400, seed=0, levels=(1, 2, 3)).values() for raw in split]
+    ops = {level: Counter(t[:-1] for raw in rows if raw["qa"]["level"] == level
+                          for t in tokenize(raw["qa"]["program"]) if t.endswith("("))
+           for level in (1, 2, 3)}
+    assert {"add", "subtract", "multiply", "divide"} <= set(ops[1]) and {"table_max", "table_min"} & set(ops[1])
+    assert {"add", "subtract", "divide"} <= set(ops[2])       # percent change, average of two, a constant
+    assert {"greater", "table_max", "table_min", "exp"} <= set(ops[3])
+    shares = Counter(raw["qa"]["level"] for raw in rows)
+    assert all(100 < shares[level] < 170 for level in (1, 2, 3)), shares  # equal shares of 400
+
+
+def test_one_step_questions_keep_distractor_facts():
+    for raw in generate(60, seed=5, levels=(1,))["train"]:
+        facts = raw["qa"]["model_input"]
+        assert len(facts) == 3 and len([k for k, _ in facts if k not in raw["qa"]["gold_inds"]]) >= 1
+
+
+def test_without_levels_the_mix_is_unchanged_and_records_step_counts():
+    mix = generate(50, seed=1)
+    assert generate(50, seed=1, levels=None) == mix
+    assert all(raw["qa"]["level"] == len(raw["qa"]["steps"]) for split in mix.values() for raw in split)
+
+
+@pytest.mark.parametrize("levels", [(), (0,), (4,), (1, 5)])
+def test_bad_levels(levels):
+    with pytest.raises(ValueError, match="levels"):
+        generate(10, seed=0, levels=levels)
+
+
+def test_processed_rows_record_their_level():
+    raw = generate(10, seed=2, levels=(2,))["train"][0]
+    assert to_processed(raw, "train", "retrieved", source="synthetic")["level"] == 2

@@ -21,11 +21,12 @@ from pathlib import Path
 
 from utils import runs
 from utils.cli import UsageError
+from utils.finqa_program import tokenize
 
 CONTEXT_MODES = ("retrieved", "gold", "full")
 PROCESSED_FIELDS = ("id", "split", "source", "question", "context", "context_mode", "table",
                     "prompt", "completion", "input_text", "target_program", "target_answer",
-                    "exe_ans", "gold_inds")
+                    "exe_ans", "gold_inds", "level")
 REWARD_FIELDS = ("table", "exe_ans", "target_program", "target_answer")  # what utils.rewards.score reads
 PREPARE = "01_prepare_dataset.py"  # the script that writes processed splits
 GET_DATA_HINT = ("bash download.sh (online) or "
@@ -317,7 +318,14 @@ def to_processed(raw: dict, split: str, mode: str, source: str = "finqa", tokeni
         "target_answer": answer,
         "exe_ans": qa.get("exe_ans"),
         "gold_inds": qa.get("gold_inds") or {},
+        "level": program_level(program),
     }
+
+
+def program_level(program: str) -> int:
+    """The difficulty level of a gold program: its number of steps (an op token per step), the
+    synthetic ladder's level, and the split FinQA results are reported by (one-step questions)."""
+    return sum(token.endswith("(") for token in tokenize(program)[:-1])
 
 
 # --- reading processed splits ----------------------------------------------------------------
@@ -342,6 +350,7 @@ _FIELD_TYPES = {
     "table": (lambda v: isinstance(v, list) and all(_is_str_list(row) for row in v), "a list of rows of strings"),
     "exe_ans": (lambda v: isinstance(v, str) or is_finite_number(v), "a finite number, 'yes' or 'no'"),
     "gold_inds": (lambda v: isinstance(v, dict), "an object"),
+    "level": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a step count (integer)"),
     **{name: (lambda v: isinstance(v, str), "a string") for name in
        ("split", "source", "question", "context", "context_mode", "input_text", "target_program", "target_answer")},
 }

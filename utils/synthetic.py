@@ -10,9 +10,19 @@ constant and a compound-growth projection (exp). `qa.model_input` always holds t
 `exe_ans` is what `utils.finqa_program.execute` returns for the gold program, never computed
 here, and a template whose program does not execute is replaced by another.
 
+A difficulty ladder (`levels`): a level is the number of steps of the gold program, and each level
+draws from its own templates (LEVEL_TEMPLATES):
+  1: one step: change, ratio, sum, product, in billions, table max/min/sum/average;
+  2: two steps: percent change (both of FinQA's ways), average of two years, a sum in billions;
+  3: three steps: growth in percent, compound-growth projection, the range of a table row
+     (table_max - table_min), whether one year's change beat another's (`greater`).
+The numbers always sit in the retrieved context among distractor facts. Without `levels` the
+templates of every level mix (TEMPLATES), and every example records its `level` either way.
+
 Example:
     splits = generate(100, seed=0)          # {"train": [...80], "dev": [...10], "test": [...10]}
     splits["train"][0]["qa"]["program"]      # e.g. "subtract(1384, 1212), divide(#0, 1212)"
+    generate(100, seed=0, levels=(1,))       # one-step programs only
 """
 from __future__ import annotations
 
@@ -250,6 +260,15 @@ def _table_total(report, rng):
     return question, f"{op}({name}, none)", _value_kind(s["style"]), [s["key"]]
 
 
+def _product(report, rng):
+    name = report.pick(rng, _AMOUNTS, rows_only=True)
+    year = rng.choice(report.years)
+    s = report.series[name]
+    times = rng.choice((2, 3, 4, 5))
+    return (f"if {name} in {year} were {times} times as large , what would it be?",
+            f"multiply({s['args'][year]}, const_{times})", _value_kind(s["style"]), [s["key"]])
+
+
 def _in_billions(report, rng):
     name = report.pick(rng, _AMOUNTS, rows_only=True)
     year = rng.choice(report.years)
@@ -267,8 +286,45 @@ def _projection(report, rng):
             _value_kind(report.series[name]["style"]), [report.series[name]["key"]])
 
 
+def _sum_in_billions(report, rng):
+    name = report.pick(rng, _AMOUNTS, rows_only=True)
+    y1, y2 = report.two_years(rng, name)
+    a = report.series[name]["args"]
+    return (f"what was the total {name} in {y1} and {y2} , in billions?",
+            f"add({a[y1]}, {a[y2]}), divide(#0, const_1000)", "plain", [report.series[name]["key"]])
+
+
+def _table_range(report, rng):
+    name = report.pick(rng, rows_only=True)
+    s = report.series[name]
+    return (f"what was the difference between the highest and the lowest {name} over the years shown?",
+            f"table_max({name}, none), table_min({name}, none), subtract(#0, #1)",
+            _value_kind(s["style"]), [s["key"]])
+
+
+def _greater_change(report, rng):
+    name = report.pick(rng, _AMOUNTS, rows_only=True)
+    years = report.series[name]["years"]
+    if len(years) < 3:
+        return None
+    y1, y2, y3 = years[-3:]
+    a = report.series[name]["args"]
+    return (f"was the change in {name} from {y2} to {y3} greater than the change from {y1} to {y2}?",
+            f"subtract({a[y3]}, {a[y2]}), subtract({a[y2]}, {a[y1]}), greater(#0, #1)", "yesno",
+            [report.series[name]["key"]])
+
+
+# The original mix, used when no levels are asked for (its examples record their step count as level).
 TEMPLATES = (_change, _percent_change, _growth_in_percent, _ratio, _sum, _average_of_two,
              _greater, _table_extreme, _table_total, _in_billions, _projection)
+# level -> templates whose gold programs have that many steps. The lone `greater` (one step, a yes/no
+# coin flip for a model that has not learnt to compare) is left to the mix; level 3 compares changes.
+LEVEL_TEMPLATES = {
+    1: (_change, _ratio, _sum, _product, _in_billions, _table_extreme, _table_total),
+    2: (_percent_change, _average_of_two, _sum_in_billions),
+    3: (_growth_in_percent, _projection, _table_range, _greater_change),
+}
+LEVELS = tuple(LEVEL_TEMPLATES)
 
 
 # --- examples ------------------------------------------------------------------------------
@@ -309,13 +365,18 @@ def _position(key, report):
     return (0, int(index)) if int(index) < len(report.pre_text) else (2, int(index))
 
 
-def make_example(rng: random.Random, index: int) -> dict:
-    """One synthetic example in the official FinQA format, id "synthetic-{index:06d}"."""
+def make_example(rng: random.Random, index: int, templates=TEMPLATES) -> dict:
+    """One synthetic example in the official FinQA format, id "synthetic-{index:06d}", from one of
+    `templates` (a level's, or the whole mix); qa.level is its gold program's number of steps."""
     report = _Report(rng)
+    fallback = _change if _change in templates else templates[0]
     for attempt in range(_MAX_TEMPLATE_TRIES):
-        # The last try is a subtraction, which executes on any two numbers.
-        template = rng.choice(TEMPLATES) if attempt < _MAX_TEMPLATE_TRIES - 1 else _change
-        question, program, kind, gold_keys = template(report, rng)
+        # The whole mix's last try is a subtraction, which executes on any two numbers.
+        template = rng.choice(templates) if attempt < _MAX_TEMPLATE_TRIES - 1 else fallback
+        made = template(report, rng)
+        if made is None:  # the template does not fit this report (too few years)
+            continue
+        question, program, kind, gold_keys = made
         exe_ans = execute(program, report.table)
         if exe_ans is None or (kind == "yesno") != isinstance(exe_ans, str):
             continue
@@ -351,17 +412,21 @@ def make_example(rng: random.Random, index: int) -> dict:
             "tfidftopn": {},
             "program_re": _nested(steps),
             "model_input": _model_input(report, gold_keys, rng),
+            "level": len(steps),
         },
     }
 
 
-def generate(num_examples: int, seed: int, split_fractions=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
+def generate(num_examples: int, seed: int, split_fractions=(0.8, 0.1, 0.1), levels=None
+             ) -> dict[str, list[dict]]:
     """Deterministic synthetic FinQA-format examples per split.
 
     Args:
         num_examples: examples over all splits.
         seed: the only source of randomness (random.Random(seed)); same seed, same output.
         split_fractions: shares of (train, dev, test), summing to 1.
+        levels: difficulty levels to draw from (LEVELS: 1, 2, 3 steps), in equal shares, each
+            example's level drawn at random; None: the whole template mix (TEMPLATES).
     Returns:
         {"train": [...], "dev": [...], "test": [...]}, ids "synthetic-000000" onwards.
     """
@@ -371,8 +436,12 @@ def generate(num_examples: int, seed: int, split_fractions=(0.8, 0.1, 0.1)) -> d
             or not math.isclose(sum(split_fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"split_fractions must be three non-negative shares of (train, dev, test) "
                          f"summing to 1, got {tuple(split_fractions)!r}")
+    if levels is not None and (not levels or any(level not in LEVEL_TEMPLATES for level in levels)):
+        raise ValueError(f"levels must be some of {LEVELS}, got {levels!r}")
     rng = random.Random(seed)
-    examples = [make_example(rng, index) for index in range(num_examples)]
+    pools = [LEVEL_TEMPLATES[level] for level in sorted(set(levels))] if levels else [TEMPLATES]
+    examples = [make_example(rng, index, rng.choice(pools) if len(pools) > 1 else pools[0])
+                for index in range(num_examples)]
     num_train = round(num_examples * split_fractions[0])
     num_dev = min(round(num_examples * split_fractions[1]), num_examples - num_train)
     return {"train": examples[:num_train], "dev": examples[num_train:num_train + num_dev],
