@@ -8,7 +8,8 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml 09_train_dpo.py --quick_test
 
 Reads outputs/<run_id>/08_preferences/pairs.jsonl (--pairs), holds out algorithm.holdout_fraction
-of the prompts (seeded, whole prompts) and trains on the rest: beta, loss_type and label_smoothing
+of the prompts (seeded, whole prompts; or takes the held-out pairs from --holdout_pairs, built from
+prompts of another split) and trains on the rest: beta, loss_type and label_smoothing
 from configs/algorithms/dpo.yaml; learning rate, epochs, steps and batch from the config.
 
 Reference policy: the SFT adapter itself is trained (utils.rl.load_policy); TRL's DPOTrainer,
@@ -62,6 +63,10 @@ def parse_args(argv=None):
                         help="the seed's name for --policy_ckpt (the same forms)")
     parser.add_argument("--pairs", default=None,
                         help="preference pairs (default: outputs/<run_id>/08_preferences/pairs.jsonl)")
+    parser.add_argument("--holdout_pairs", default=None,
+                        help="held-out preference pairs built (04 + 08) from prompts training never sees, e.g. "
+                             "the val split: every --pairs pair trains and these measure preference accuracy "
+                             "(default: hold out algorithm.holdout_fraction of the --pairs prompts)")
     return parser.parse_known_args(argv)
 
 
@@ -170,7 +175,11 @@ def holdout_metrics(trainer, holdout: list[dict], beta: float, batch_size: int) 
     after = preference_accuracy(logps["policy_chosen"], logps["policy_rejected"], *ref, beta=beta)
     return {"holdout_n_pairs": after["n_pairs"], "holdout_n_prompts": len({pair["id"] for pair in holdout}),
             "holdout_pref_acc_before": before["logp_accuracy"], "holdout_pref_acc_after": after["reward_accuracy"],
-            "holdout_logp_acc_after": after["logp_accuracy"], "holdout_reward_margin_after": after["reward_margin"]}
+            "holdout_logp_acc_after": after["logp_accuracy"], "holdout_reward_margin_after": after["reward_margin"],
+            # per pair, for paired CIs over prompts (pairs of one prompt are not independent)
+            "holdout_pair_prompt_ids": [str(pair["id"]) for pair in holdout],
+            "holdout_logp_correct_before": [c > r for c, r in zip(*ref)],
+            "holdout_logp_correct_after": [c > r for c, r in zip(logps["policy_chosen"], logps["policy_rejected"])]}
 
 
 # --- main ---
@@ -201,7 +210,14 @@ def main(args, extra_tokens=()) -> dict:
                             f"{pairs_path} is empty")
             manifest.add_input("smoke_pairs_from", train_path)
             print(f"WARNING: {pairs_source}; this run only tests the plumbing", flush=True)
-        train_pairs, holdout = split_by_prompt(pairs, cfg["algorithm"]["holdout_fraction"], seed)
+        if args.holdout_pairs:
+            train_pairs, holdout = pairs, load_pairs(Path(args.holdout_pairs), None)
+            if shared := {pair["id"] for pair in holdout} & {pair["id"] for pair in pairs}:
+                raise cli.UsageError(f"--holdout_pairs {args.holdout_pairs} shares {len(shared)} prompts with "
+                                     f"{pairs_path} (e.g. {sorted(map(str, shared))[0]}): held-out pairs must "
+                                     f"come from prompts training never sees (04 --split val)")
+        else:
+            train_pairs, holdout = split_by_prompt(pairs, cfg["algorithm"]["holdout_fraction"], seed)
         if not train_pairs:
             raise cli.UsageError(f"{pairs_path}: no pairs left for training after holding out "
                                  f"{cfg['algorithm']['holdout_fraction']:.0%} of the prompts")
@@ -218,7 +234,8 @@ def main(args, extra_tokens=()) -> dict:
             cfg, folder, METHOD, tokenizer, val, spec, resumed=resume_from is not None,
             extra=[SequenceKL(cfg["algorithm"]["beta"])])
         trainer = build_trainer(cfg, model, tokenizer, train_pairs, holdout, trainer_dir, callbacks)
-        for name, path in (("pairs", pairs_path), ("val", val_path), ("policy_ckpt", ckpt),
+        for name, path in (("pairs", pairs_path), ("holdout_pairs", args.holdout_pairs), ("val", val_path),
+                           ("policy_ckpt", ckpt),
                            ("reward_spec", spec_path), ("resume", resume_from)):
             if path is not None and Path(path).exists():
                 manifest.add_input(name, path)

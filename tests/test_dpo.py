@@ -132,6 +132,32 @@ def test_metrics_and_manifest(trained):
     for name in ("holdout_pref_acc_before", "holdout_pref_acc_after", "holdout_logp_acc_after"):
         assert metrics[name] in (0.0, 0.5, 1.0), name
     assert metrics["global_step"] == 2 and "val/exec_acc" in metrics
+    # per pair, so that a benchmark can bootstrap over prompts: they agree with the accuracies
+    assert len(metrics["holdout_pair_prompt_ids"]) == len(metrics["holdout_logp_correct_after"]) == 2
+    assert sum(metrics["holdout_logp_correct_before"]) / 2 == metrics["holdout_pref_acc_before"]
+    assert sum(metrics["holdout_logp_correct_after"]) / 2 == metrics["holdout_logp_acc_after"]
+
+
+def test_holdout_pairs_from_other_prompts(inputs, tmp_path):
+    """--holdout_pairs: every --pairs pair trains, the file's pairs (prompts training never saw) are held out;
+    a file that shares a prompt with the training pairs is refused, before any training."""
+    pairs = [json.loads(line) for line in (inputs / "pairs.jsonl").read_text().splitlines()]
+    train = [p for p in pairs if p["id"] in ("q0", "q1", "q2")]
+    atomic_write_jsonl(tmp_path / "train.jsonl", train)
+    atomic_write_jsonl(tmp_path / "held.jsonl", [p for p in pairs if p["id"] in ("q3", "q4")])
+    done = run09(inputs, tmp_path / "out", "--holdout_pairs", tmp_path / "held.jsonl", "--max_steps", 1,
+                 pairs=tmp_path / "train.jsonl")
+    assert done.returncode == 0, done.stderr[-5000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["holdout_n_prompts"], metrics["holdout_n_pairs"]) == (2, 4)
+    assert metrics["holdout_pair_prompt_ids"] == ["q3", "q3", "q4", "q4"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["metrics"]["train_pairs"] == 6 and "holdout_pairs" in manifest["inputs"]
+
+    atomic_write_jsonl(tmp_path / "overlap.jsonl", [p for p in pairs if p["id"] in ("q2", "q3")])
+    done = run09(inputs, tmp_path / "out2", "--holdout_pairs", tmp_path / "overlap.jsonl", pairs=tmp_path / "train.jsonl")
+    assert done.returncode == 2 and "shares 1 prompts" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out2" / "ckpt_dpo").exists()
 
 
 def test_resume(trained, inputs, tmp_path):
