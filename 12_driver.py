@@ -6,6 +6,7 @@
     python 12_driver.py --method dpo --algo_config configs/algorithms/dpo.yaml --algorithm.beta 0.2
     python 12_driver.py --method all --dataset synthetic --quick_test --dry_run   # print the plan only
     python 12_driver.py --method all --quick_test --force 03_sft     # retrain SFT; what reads it reruns
+    python 12_driver.py --recipe ladder_cpu                          # every method on accuracy, CPU-sized
 
 Stages: 00 check data, 01 prepare, 02 rewards, then per seed 03 SFT (shared by the seed's methods),
 04 candidates and 08 preferences (DPO only), the methods (05 PPO, 06 GRPO, 07 RLOO, 09 DPO), then 10 evaluates
@@ -17,6 +18,11 @@ complete checkpoint (--resume auto). With several seeds, seed-specific folders a
 suffix (03_sft_seed1, grpo_seed1). Unknown --section.key value flags are passed to every stage; --algorithm.*
 ones to the method's stages. Writes outputs/<run>/run_manifest.json (every stage's command, inputs, manifest,
 status and time) and outputs/<run>/README.md (configuration, commands, results table).
+
+--recipe NAME reads configs/recipes/NAME.yaml (or a path): its `driver:` section sets this script's flags
+(the command line wins), `overrides:` are --section.key values for every stage (the command line's win) and
+`stages:` gives flags to each kind of stage (data, sft, candidates, preferences, ppo, grpo, rloo, dpo,
+evaluate, compare), placed before the overrides.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from utils import config as config_lib
 from utils import cli, driver, runs
 
 REPO_ROOT = Path(__file__).resolve().parent
+RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 TAIL_LINES = 25  # log lines shown when a stage fails
 
 
@@ -54,7 +61,47 @@ def parse_args(argv=None):
                         help="rerun this stage even if complete (repeatable): a stage name (03_sft_seed1), "
                              "a name without its seed (03_sft) or a script number (10)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and what would be skipped")
-    return parser.parse_known_args(argv)
+    parser.add_argument("--levels", type=int, nargs="+", default=None,
+                        help="synthetic: difficulty levels of the ladder, gold program steps (01 --levels)")
+    parser.add_argument("--num_examples", type=int, default=None,
+                        help="synthetic: examples over all splits (default: 01's)")
+    parser.add_argument("--skip_base_eval", action="store_true", help="do not evaluate the base model (zero-shot)")
+    parser.add_argument("--recipe", default=None,
+                        help="a recipe: a name in configs/recipes/ (ladder_cpu) or a YAML path; sets driver flags "
+                             "and per-stage flags (see above)")
+    args, extra = parser.parse_known_args(argv)
+    args.stage_flags = {}
+    if args.recipe:
+        recipe, source = load_recipe(args.recipe)
+        driver_keys = recipe.get("driver") or {}
+        known = {action.dest for action in parser._actions} - {"help", "recipe"}
+        if not isinstance(driver_keys, dict) or (unknown := set(driver_keys) - known):
+            raise cli.UsageError(f"{source}: driver: must map 12_driver.py flags ({', '.join(sorted(known))}) to "
+                                 f"values" + (f"; unknown: {', '.join(sorted(map(str, unknown)))}"
+                                              if isinstance(driver_keys, dict) else ""))
+        parser.set_defaults(**driver_keys)  # what the command line gives still wins
+        args, extra = parser.parse_known_args(argv)
+        args.stage_flags = driver.recipe_flags(recipe.get("stages") or {}, source)
+        # the recipe's overrides for every stage come first: the command line's, later, win
+        extra = [*driver.recipe_flags({"data": recipe.get("overrides") or {}}, source)["data"], *extra]
+    return args, extra
+
+
+def load_recipe(name: str) -> tuple[dict, str]:
+    """A recipe YAML by name (configs/recipes/<name>.yaml) or path, and the path to name in errors."""
+    import yaml
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise cli.UsageError(f"--recipe {name}: {path} not found; recipes: {choices}")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise cli.UsageError(f"--recipe {name}: {path} is not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(recipe, dict):
+        raise cli.UsageError(f"--recipe {name}: {path} must hold a mapping with driver: and stages: sections")
+    return recipe, str(path)
 
 
 # --- helpers ---
@@ -141,7 +188,8 @@ def resolve(args, extra) -> tuple[driver.Options, dict]:
         algo_config=args.algo_config, overrides=tuple(common), algo_overrides=tuple(algorithm),
         quick_test=args.quick_test,
         config_files=(str(config_lib.resolve_config_path(args.config, config_lib.MODELS_DIR)),),
-        algo_files=algo_files)
+        algo_files=algo_files, levels=tuple(args.levels or ()), num_examples=args.num_examples,
+        stage_flags=args.stage_flags, evaluate_base=not args.skip_base_eval)
     return opts, cfg
 
 

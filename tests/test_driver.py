@@ -157,6 +157,58 @@ def test_plan_synthetic_has_no_raw_check():
                                   "--output_dir", "datasets/synthetic_processed")
 
 
+def test_plan_ladder_levels_and_recipe_flags():
+    flags = driver.recipe_flags({"sft": {"training.max_steps": 40}, "grpo": {"learning_rate": 1e-4},
+                                 "evaluate": {"num_samples": 4, "quick": True, "off": False},
+                                 "data": {"levels": [1, 2]}}, "r.yaml")
+    assert flags == {"sft": ("--training.max_steps", "40"), "grpo": ("--learning_rate", "0.0001"),
+                     "evaluate": ("--num_samples", "4", "--quick"), "data": ("--levels", "1", "2")}
+    stages = driver.plan(opts(methods=("grpo", "dpo"), dataset="synthetic", levels=(1,), num_examples=500,
+                              stage_flags={k: v for k, v in flags.items() if k != "data"}, evaluate_base=False,
+                              overrides=("--training.max_steps", "7")))
+    s = by_name(stages)
+    assert s["01_preprocessing"].args[6:10] == ("--levels", "1", "--num_examples", "500")
+    # a recipe's stage flags come before the command line's overrides, which win
+    assert s["03_sft"].args[-4:] == ("--training.max_steps", "40", "--training.max_steps", "7")
+    assert "--learning_rate" in s["06_grpo"].args and "--learning_rate" not in s["09_dpo"].args
+    evaluations = [stage for stage in stages if stage.script == "10_evaluate.py"]
+    assert [e.name for e in evaluations] == ["10_eval_sft", "10_eval_grpo", "10_eval_dpo"]  # no base
+    assert all(e.args[-5:-2] == ("--num_samples", "4", "--quick") for e in evaluations)
+
+
+@pytest.mark.parametrize("stages, match", [
+    ({"sft": {"x": 1}, "nope": {}}, "unknown: nope"),
+    ({"sft": 3}, "stages.sft must map flags"),
+    ([1], "stages must map"),
+])
+def test_recipe_flags_reject(stages, match):
+    with pytest.raises(PlanError, match=match):
+        driver.recipe_flags(stages, "r.yaml")
+
+
+def test_driver_recipe_dry_run_and_errors(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "12_driver.py", "--recipe", "ladder_cpu", "--dry_run", "--paths.output_root",
+               str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "run ladder_cpu: 15 stages" in done.stdout and "10_eval_base" not in done.stdout
+    assert "--levels 1 --num_examples 1250" in done.stdout and "--paths.data_dir datasets/ladder_cpu" in done.stdout
+    bad = tmp_path / "bad.yaml"
+    for text, message in (("driver: {nope: 1}", "unknown: nope"), ("stages: {sft: 3}", "stages.sft"),
+                          (": : :", "not valid YAML")):
+        bad.write_text(text)
+        done = subprocess.run([sys.executable, "12_driver.py", "--recipe", str(bad), "--dry_run"], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "12_driver.py", "--recipe", "no_such", "--dry_run"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "recipes: ladder_cpu" in done.stderr
+
+
 def test_plan_finqa_passes_data_root_and_context_mode():
     s = by_name(driver.plan(opts(methods=("ppo",), data_root="raw", context_mode="gold")))
     assert s["00_data_validation"].args[:2] == ("--data_root", "raw")

@@ -39,6 +39,10 @@ RESERVED_OVERRIDES = {"seed": "--seeds", "training.seed": "--seeds", "output_dir
                       "paths.output_dir": "--run_id and paths.output_root", "run_id": "--run_id"}
 
 
+# the stage kinds a recipe's `stages:` section gives flags to
+RECIPE_STAGES = ("data", "sft", "candidates", "preferences", *METHODS, "evaluate", "compare")
+
+
 class PlanError(UsageError):
     """A driver flag is wrong; the message names it and the fix."""
 
@@ -61,6 +65,11 @@ class Options:
     quick_test: bool = False
     config_files: tuple[str, ...] = ()     # model config file: an input of every stage
     algo_files: dict = field(default_factory=dict)  # method -> algorithm config file
+    levels: tuple[int, ...] = ()           # synthetic: the difficulty ladder's levels (01 --levels)
+    num_examples: int | None = None        # synthetic: examples over all splits (01 --num_examples)
+    # recipe flags per stage kind (RECIPE_STAGES), before the command line's overrides, which win
+    stage_flags: dict = field(default_factory=dict)
+    evaluate_base: bool = True             # evaluate the base model too (zero-shot)
 
 
 @dataclass(frozen=True)
@@ -136,9 +145,31 @@ def _suffix(opts: Options, seed: int) -> str:
     return f"_seed{seed}" if len(opts.seeds) > 1 else ""
 
 
+def recipe_flags(stages: dict, source: str) -> dict[str, tuple[str, ...]]:
+    """A recipe's `stages:` section ({kind: {flag: value}}) -> {kind: ("--flag", "value", ...)}; a list
+    value gives several tokens (--levels 1 2), true a bare flag."""
+    if not isinstance(stages, dict) or (unknown := set(stages) - set(RECIPE_STAGES)):
+        raise PlanError(f"{source}: stages must map some of {', '.join(RECIPE_STAGES)} to flags"
+                        + (f" (unknown: {', '.join(sorted(map(str, unknown)))})" if isinstance(stages, dict) else ""))
+    flags = {}
+    for kind, values in stages.items():
+        if not isinstance(values, dict):
+            raise PlanError(f"{source}: stages.{kind} must map flags to values, e.g. training.max_steps: 40")
+        tokens = []
+        for key, value in values.items():
+            if value is False or value is None:
+                continue
+            tokens.append(f"--{key}")
+            if value is not True:
+                tokens += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        flags[kind] = tuple(tokens)
+    return flags
+
+
 def _stage(opts: Options, name, script, folder, what, args=(), *, manifest=None, seed=None, deps=(),
-           method=None, algo=None) -> Stage:
-    """One stage with the flags every stage gets: config, run id, seed, quick test, overrides (last: they win)."""
+           method=None, algo=None, kind=None) -> Stage:
+    """One stage with the flags every stage gets: config, run id, seed, quick test, the recipe's flags for
+    its kind, overrides (last: they win)."""
     argv = [*args, "--config", opts.config, "--run_id", opts.run_id]
     if seed is not None:
         argv += ["--seed", str(seed)]
@@ -149,7 +180,7 @@ def _stage(opts: Options, name, script, folder, what, args=(), *, manifest=None,
         if opts.algo_config:
             argv += ["--algo_config", opts.algo_config]
         inputs += [opts.algo_files[algo]] if algo in opts.algo_files else []
-    argv += [*opts.overrides, *(opts.algo_overrides if algo else ())]
+    argv += [*opts.stage_flags.get(kind, ()), *opts.overrides, *(opts.algo_overrides if algo else ())]
     return Stage(name, script, tuple(argv), folder, manifest or str(Path(folder) / "manifest.json"), what,
                  tuple(deps), tuple(inputs), seed, method)
 
@@ -172,9 +203,12 @@ def plan(opts: Options) -> list[Stage]:
     data_args = ["--dataset", opts.dataset, "--context_mode", opts.context_mode, "--output_dir", opts.data_dir]
     if opts.dataset == "finqa":
         data_args[:0] = ["--data_root", opts.data_root]
+    else:
+        data_args += ["--levels", *map(str, opts.levels)] if opts.levels else []
+        data_args += ["--num_examples", str(opts.num_examples)] if opts.num_examples else []
     stages.append(_stage(opts, "01_preprocessing", "01_prepare_dataset.py", _folder(opts, "01_preprocessing"),
                          f"{opts.dataset} -> {opts.data_dir}/{{train,val,test}}.jsonl ({opts.context_mode} context)",
-                         data_args))
+                         data_args, kind="data"))
     rewards = _folder(opts, "02_rewards")
     spec = str(Path(rewards) / "reward_spec.yaml")
     stages.append(_stage(opts, "02_rewards", "02_build_rewards.py", rewards,
@@ -185,7 +219,7 @@ def plan(opts: Options) -> list[Stage]:
         sft = _folder(opts, f"03_sft{sfx}")
         stages.append(_stage(opts, f"03_sft{sfx}", "03_sft_train.py", sft, f"SFT with LoRA (seed {seed})",
                              ["--output_dir", sft, "--reward_spec", spec], seed=seed,
-                             deps=["01_preprocessing", "02_rewards"], method="sft"))
+                             deps=["01_preprocessing", "02_rewards"], method="sft", kind="sft"))
         trained.append((f"03_sft{sfx}", sft, f"sft{sfx}", "sft", seed))
         pairs = None
         if "dpo" in opts.methods:
@@ -193,11 +227,11 @@ def plan(opts: Options) -> list[Stage]:
             stages.append(_stage(opts, f"04_candidates{sfx}", "04_generate_candidates.py", candidates,
                                  f"sample and score candidates from the SFT policy (seed {seed})",
                                  ["--policy_ckpt", sft, "--output_dir", candidates, "--reward_spec", spec],
-                                 seed=seed, deps=[f"03_sft{sfx}", "02_rewards"]))
+                                 seed=seed, deps=[f"03_sft{sfx}", "02_rewards"], kind="candidates"))
             stages.append(_stage(opts, f"08_preferences{sfx}", "08_build_prefs.py", prefs,
                                  f"pair the candidates into DPO preferences (seed {seed})",
                                  ["--candidates_dir", candidates, "--output_dir", prefs],
-                                 seed=seed, deps=[f"04_candidates{sfx}"], algo="dpo"))
+                                 seed=seed, deps=[f"04_candidates{sfx}"], algo="dpo", kind="preferences"))
             pairs = str(Path(prefs) / "pairs.jsonl")
         for method in opts.methods:
             module, script = METHOD_STAGES[method]
@@ -210,24 +244,26 @@ def plan(opts: Options) -> list[Stage]:
                 deps = [f"03_sft{sfx}", "02_rewards"]
             stages.append(_stage(opts, f"{module}{sfx}", script, folder,
                                  f"{method.upper()} from the SFT checkpoint (seed {seed})", args, seed=seed,
-                                 deps=deps, method=method, algo=method))
+                                 deps=deps, method=method, algo=method, kind=method))
             trained.append((f"{module}{sfx}", folder, f"{method}{sfx}", method, seed))
     # --- evaluation ---
     evaluations = []
-    for dep, checkpoint, policy, method, seed in [(None, None, "base", "base", None), *trained]:
+    base = [(None, None, "base", "base", None)] if opts.evaluate_base else []
+    for dep, checkpoint, policy, method, seed in [*base, *trained]:
         folder = _folder(opts, f"10_evaluation/{policy}")
         args = ["--policy_name", policy, "--split", "test", "--output_dir", folder, "--reward_spec", spec]
         if checkpoint:
             args[:0] = ["--policy_ckpt", checkpoint]
         what = f"evaluate {'the base model' if checkpoint is None else checkpoint} on test"
         stages.append(_stage(opts, f"10_eval_{policy}", "10_evaluate.py", folder, what, args, seed=seed,
-                             deps=["01_preprocessing", "02_rewards", *([dep] if dep else [])], method=method))
+                             deps=["01_preprocessing", "02_rewards", *([dep] if dep else [])], method=method,
+                             kind="evaluate"))
         evaluations.append(stages[-1])
     comparison = _folder(opts, "11_comparison")
     stages.append(_stage(opts, "11_comparison", "11_compare_runs.py", comparison,
                          "summary table, paired tests, plots and report.md",
                          [*(str(Path(s.folder) / "metrics.json") for s in evaluations), "--output_dir", comparison],
-                         deps=[s.name for s in evaluations]))
+                         deps=[s.name for s in evaluations], kind="compare"))
     return stages
 
 
