@@ -38,9 +38,10 @@ RATES = ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "va
 # over prompts of the per-prompt mean over K samples; pass@k: share of prompts with an exec-correct sample)
 # Where a newcomer whose methods all tie (the main job's --quick_test) looks next: the benchmark that
 # shows whether each method learns at all, and what it costs (README, Benchmarks)
-LEARNABILITY_HINT = ("whether each method learns at all is what `python tests/benchmarks/bench_learnability.py` "
-                     "shows (every method on the same sampled completions from a weak SFT start, sampled reward "
-                     "on 100 val prompts with paired CIs; about 150 min on 2 CPU cores)")
+LEARNABILITY_HINT = ("a small comparison on accuracy is `python 12_driver.py --recipe ladder_cpu` (every method from "
+                     "one SFT start on the synthetic ladder's one-step questions, exec_acc with paired CIs against "
+                     "SFT; about 45 min on 2 CPU cores), the full study `python tests/benchmarks/bench_learnability.py "
+                     "--task ladder` (three RL seeds per method)")
 SAMPLING = ("num_samples", "sample_temperature", "sample_top_p")
 SAMPLED = ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k")
 SUMMARY_COLUMNS = ["run", "policy", "method", "seed", "model", "context_mode", "dataset_source", "n", "exec_acc",
