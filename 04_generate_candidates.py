@@ -45,7 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_candidates", type=int, default=None,
                         help="completions per prompt (default: generation.num_candidates)")
     parser.add_argument("--temperature", type=float, default=0.8, help="(default: %(default)s)")
-    parser.add_argument("--top_p", type=float, default=0.9, help="(default: %(default)s, as issue 3 sets it)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: trims the unlikely tail so candidates stay well-formed JSON yet differ "
+                             "(default: %(default)s)")
     parser.add_argument("--max_examples", type=int, default=None, help="first N prompts of the split")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="(default: generation.max_new_tokens)")

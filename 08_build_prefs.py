@@ -26,7 +26,7 @@ from utils.preferences import build_pairs, histogram_text
 from utils.data import is_finite_number, is_id
 
 MODULE = "08_preferences"
-RECOMMENDED_PAIRS = 10_000  # the seed's target: fewer pairs give a noisy DPO signal
+RECOMMENDED_PAIRS = 10_000  # fewer pairs give a noisy DPO signal: stats.txt warns below this
 RERUN = "rerun `python 04_generate_candidates.py`"
 
 

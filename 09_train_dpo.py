@@ -60,7 +60,8 @@ PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected")
 def parse_args(argv=None):
     parser = rl.argument_parser(__doc__, METHOD, QUICK_TEST, f"{QUICK_TEST_PAIRS} pairs, 2 steps")
     parser.add_argument("--base_or_sft_ckpt", dest="policy_ckpt",
-                        help="the seed's name for --policy_ckpt (the same forms)")
+                        help="another name for --policy_ckpt (the same forms): DPO may start from the base model or an SFT "
+                             "checkpoint")
     parser.add_argument("--pairs", default=None,
                         help="preference pairs (default: outputs/<run_id>/08_preferences/pairs.jsonl)")
     parser.add_argument("--holdout_pairs", default=None,

@@ -352,7 +352,7 @@ def test_own_chat_template_renders_prompt_as_prefix(model_file):
     assert full.startswith(head) and full.endswith('"answer": "5"}<|endoftext|>')
 
 
-# --- plain algorithm flags (the seed's "Override Algorithm Params": --clip_range 0.3 --kl_coef 0.1) ---
+# --- plain algorithm flags (every algorithm key as a flag of its own: --clip_range 0.3 --kl_coef 0.1) ---
 @pytest.mark.parametrize("algo, flags, key, value", [
     ("ppo", ["--clip_range", "0.3"], "clip_range", 0.3),                  # = --algorithm.clip_range
     ("ppo", ["--kl_coef=0.1"], "kl_coef", 0.1),                           # the = form too

@@ -8,7 +8,8 @@ and no randomness except through an explicit seed.
     ranked = build_pairs(candidates_of_one_prompt, min_margin=0.2)
     for chosen, rejected, margin in ranked: ...
 
-The rule (issue 4): prefer exact-match and valid JSON over non-match or invalid. A pair
+The rule: prefer exact-match and valid JSON over non-match or invalid, so every pair pushes DPO toward
+an answer the reward verifies as better. A pair
 (chosen, rejected) is kept when
   1. chosen passes the JSON check (`format_valid`): DPO must never push up a malformed answer,
   2. chosen ranks strictly higher by `rank_key` (exact match, then valid format, then reward),
