@@ -83,7 +83,7 @@ def parse_args(argv=None):
         args, extra = parser.parse_known_args(argv)
         args.stage_flags = driver.recipe_flags(recipe.get("stages") or {}, source)
         # the recipe's overrides for every stage come first: the command line's, later, win
-        extra = [*driver.recipe_flags({"data": recipe.get("overrides") or {}}, source)["data"], *extra]
+        extra = [*driver.flag_tokens(recipe.get("overrides") or {}, f"{source}: overrides"), *extra]
     return args, extra
 
 

@@ -40,7 +40,7 @@ RATES = ("exec_acc", "prog_acc", "answer_acc", "numeric_acc", "format_rate", "va
 # shows whether each method learns at all, and what it costs (README, Benchmarks)
 LEARNABILITY_HINT = ("a small comparison on accuracy is `python 12_driver.py --recipe ladder_cpu` (every method from "
                      "one SFT start on the synthetic ladder's one-step questions, exec_acc with paired CIs against "
-                     "SFT; about 45 min on 2 CPU cores), the full study `python tests/benchmarks/bench_learnability.py "
+                     "SFT; about 35 min on 2 CPU cores with native bf16, 70 on AVX2-only ones, estimated), the full study `python tests/benchmarks/bench_learnability.py "
                      "--task ladder` (three RL seeds per method)")
 SAMPLING = ("num_samples", "sample_temperature", "sample_top_p")
 SAMPLED = ("sampled_exec_acc", "sampled_format_rate", "sampled_reward_mean", "sampled_exec_pass_at_k")

@@ -151,19 +151,21 @@ def recipe_flags(stages: dict, source: str) -> dict[str, tuple[str, ...]]:
     if not isinstance(stages, dict) or (unknown := set(stages) - set(RECIPE_STAGES)):
         raise PlanError(f"{source}: stages must map some of {', '.join(RECIPE_STAGES)} to flags"
                         + (f" (unknown: {', '.join(sorted(map(str, unknown)))})" if isinstance(stages, dict) else ""))
-    flags = {}
-    for kind, values in stages.items():
-        if not isinstance(values, dict):
-            raise PlanError(f"{source}: stages.{kind} must map flags to values, e.g. training.max_steps: 40")
-        tokens = []
-        for key, value in values.items():
-            if value is False or value is None:
-                continue
-            tokens.append(f"--{key}")
-            if value is not True:
-                tokens += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        flags[kind] = tuple(tokens)
-    return flags
+    return {kind: flag_tokens(values, f"{source}: stages.{kind}") for kind, values in stages.items()}
+
+
+def flag_tokens(values, where: str) -> tuple[str, ...]:
+    """{flag: value} -> ("--flag", "value", ...); a list gives several tokens, true a bare flag, false none."""
+    if not isinstance(values, dict):
+        raise PlanError(f"{where} must map flags to values, e.g. training.max_steps: 40")
+    tokens = []
+    for key, value in values.items():
+        if value is False or value is None:
+            continue
+        tokens.append(f"--{key}")
+        if value is not True:
+            tokens += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return tuple(tokens)
 
 
 def _stage(opts: Options, name, script, folder, what, args=(), *, manifest=None, seed=None, deps=(),
