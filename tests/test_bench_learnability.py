@@ -96,3 +96,24 @@ def test_task_defaults_and_overrides():
     assert (legacy.task, legacy.seed, legacy.rl_seeds, legacy.run_id, legacy.sft_steps) == ("format", 1, [1], "learn_s1", 12)
     mine = bench.parse_args(["--task", "ladder", "--levels", "2", "1", "--rl_seeds", "4", "--completions", "64"])
     assert (mine.levels, mine.rl_seeds, mine.completions, mine.run_id) == ([1, 2], [4], 64, "ladder_l12")
+
+
+def test_zero_std_share_averages_the_logged_steps(tmp_path):
+    logs = tmp_path / "06_grpo" / "logs"
+    logs.mkdir(parents=True)
+    history = [{"loss": 0.1, "frac_reward_zero_std": 0.5}, {"loss": 0.2, "frac_reward_zero_std": 1.0},
+               {"val/reward": 0.3}]  # validation entries carry no group statistics
+    (logs / "training_log.json").write_text(json.dumps({"log_history": history}))
+    assert bench.zero_std_share(tmp_path, "grpo") == pytest.approx(0.75)
+    (tmp_path / "09_dpo" / "logs").mkdir(parents=True)
+    (tmp_path / "09_dpo" / "logs" / "training_log.json").write_text(json.dumps({"log_history": [{"loss": 0.6}]}))
+    assert bench.zero_std_share(tmp_path, "dpo") is None
+
+
+def test_ladder_groups_of_eight_keep_sixteen_completions_per_step():
+    args = bench.parse_args(["--task", "ladder"])
+    for method in ("grpo", "rloo"):
+        flags = bench.method_flags(args, method)
+        group = flags[flags.index("--algorithm.num_generations") + 1]
+        assert bench.COMPLETIONS_PER_STEP[method] % group == 0 and group == 8
+    assert "constant" in bench.TASKS["ladder"]["rl_flags"]

@@ -80,11 +80,17 @@ TASKS = {  # per-task defaults (the flags of the same names override them) and t
                # waiting on it) early, in training and evaluation alike
                "flags": ["--generation.max_new_tokens", 64, "--validation.max_new_tokens", 64],
                # transformers rounds 3 % warmup of a 16-step run up to one step whose learning rate is 0: a
-               # sixteenth of the budget would buy no update
-               "rl_flags": ["--training.warmup_ratio", 0],
+               # sixteenth of the budget would buy no update. A constant rate: under the config's cosine the
+               # last quarter of a 16-step run moved at under 15 % of the rate (GRPO's first ladder run)
+               "rl_flags": ["--training.warmup_ratio", 0, "--training.lr_scheduler_type", "constant"],
                # a start that solves a third of its prompts gives ~4 pairs a prompt: 2 per prompt and one epoch
-               # keep DPO's steps (~30) where the format task's were, inside the time budget
-               "pairs_per_prompt": 2, "method_flags": {"dpo": ["--epochs", 1, "--max_steps", -1]}},
+               # keep DPO's steps (~30) where the format task's were, inside the time budget.
+               # GRPO and RLOO: groups of 8 (2 prompts x 8 per step, the same 16 completions). The start's
+               # per-prompt accuracy is bimodal (pass@4 0.55 vs mean@4 0.32), so in groups of 4 two thirds
+               # of the groups held one reward only (frac_reward_zero_std 0.66) and gave no gradient
+               "pairs_per_prompt": 2, "method_flags": {"dpo": ["--epochs", 1, "--max_steps", -1],
+                                                       "grpo": ["--algorithm.num_generations", 8],
+                                                       "rloo": ["--algorithm.num_generations", 8]}},
 }
 LADDER_EXAMPLES = 2500  # 2000 train, 250 val, 250 test (80/10/10)
 SETUP_KEYS = ("task", "levels", "seed", "config", "data_root", "sft_steps", "completions", "eval_examples",
@@ -369,6 +375,14 @@ def step_times(cell_dir: Path, method: str) -> dict:
     return {part: statistics.median(e[f"time/{part}_s"] for e in entries) for part in TIME_PARTS} if entries else {}
 
 
+def zero_std_share(cell_dir: Path, method: str) -> float | None:
+    """GRPO/RLOO: the mean over steps of frac_reward_zero_std, the share of groups whose completions all got one
+    reward and so carry no policy gradient (None for PPO and DPO, which log none)."""
+    entries = [e["frac_reward_zero_std"] for e in read_json(
+        cell_dir / METHOD_STAGES[method][0] / "logs" / "training_log.json")["log_history"] if "frac_reward_zero_std" in e]
+    return statistics.fmean(entries) if entries else None
+
+
 def cell_passed(row: dict, start: dict, target: float) -> bool:
     """The format task's criterion: sampled reward up (paired CI above 0), sampled format up, KL within target."""
     return (row["change"]["sampled_reward_mean_diff_ci95"][0] > 0
@@ -410,12 +424,14 @@ def report(run_dir: Path) -> None:
     arrow = lambda key, end, digits=3: f"{start[key]:.{digits}f} -> {end[key]:.{digits}f}"  # noqa: E731
     print(f"\n{'cell':<12} {'sampled exec_acc':<16} {'diff [95% CI]':<26} {'greedy exec_acc':<16} {'McNemar p':>9}  "
           f"{'pass@k':<14} {'pass diff [95% CI]':<26} {'sampled reward':<16} {'reward diff [95% CI]':<26} "
-          f"{'sampled format':<16} {'KL':>6} {'train s':>8} {'s/step':>7} {'peak GB':>8}" + ("" if ladder else "  verdict"))
+          f"{'sampled format':<16} {'KL':>6} {'zero-std':>8} {'train s':>8} {'s/step':>7} {'peak GB':>8}"
+          + ("" if ladder else "  verdict"))
     for row in rows:
         end, change = row["end"], row["change"]
         kl = "-" if row["kl"] is None else f"{row['kl']:.2f}"
         times = step_times(run_dir / "cells" / row["policy"], row["method"])
         step = f"{times['step']:.1f}" if times else "-"
+        zero_std = zero_std_share(run_dir / "cells" / row["policy"], row["method"])
         print(f"{row['policy']:<12} {arrow('sampled_exec_acc', end):<16} "
               f"{fmt_ci(change['sampled_exec_acc_diff'], change['sampled_exec_acc_diff_ci95']):<26} "
               f"{arrow('exec_acc', end):<16} {change['greedy_exec_correct_mcnemar'][2]:>9.3g}  "
@@ -423,7 +439,8 @@ def report(run_dir: Path) -> None:
               f"{fmt_ci(change['sampled_exec_pass_diff'], change['sampled_exec_pass_diff_ci95']):<26} "
               f"{arrow('sampled_reward_mean', end):<16} "
               f"{fmt_ci(change['sampled_reward_mean_diff'], change['sampled_reward_mean_diff_ci95']):<26} "
-              f"{arrow('sampled_format_rate', end):<16} {kl:>6} {row['train_s']:>8.0f} {step:>7} "
+              f"{arrow('sampled_format_rate', end):<16} {kl:>6} {'-' if zero_std is None else f'{zero_std:.2f}':>8} "
+              f"{row['train_s']:>8.0f} {step:>7} "
               f"{row.get('peak_rss_gb') or float('nan'):>8.2f}"
               + ("" if ladder else f"  {'PASS' if cell_passed(row, start, target) else 'FAIL'}"))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -485,7 +502,8 @@ def report(run_dir: Path) -> None:
           f"from the one start (seed {setup['seed']}): the spread over seeds is the method's own. dtype "
           f"{start.get('dtype')}; CPU flags: {summary.get('cpu_flags')}; start built in {summary.get('start_s', 0):.0f} s.\n"
           f"Step times: median seconds per optimizer step (PPO: per iteration); peak GB: the training run's peak "
-          f"resident memory.\nrun: {run_dir}")
+          f"resident memory; zero-std: GRPO/RLOO's mean share of groups whose rewards were all equal (no "
+          f"gradient).\nrun: {run_dir}")
 
 
 def main(args) -> int:
