@@ -76,7 +76,9 @@ def to_dataset(rows: list[dict]):
 
 def main(args, extra_tokens=()) -> dict:
     cfg = config_lib.from_args(args, extra_tokens, QUICK_TEST)
-    print(config_lib.dump(cfg))
+    state = training.process_state()  # first: every process then loads its model onto its own device
+    say = print if state.is_main_process else (lambda *_, **__: None)  # one process reports, one writes
+    say(config_lib.dump(cfg))
     folder = runs.module_dir(args.run_id, MODULE, cfg["paths"]["output_dir"], cfg["paths"]["output_root"])
     ckpt_dir, trainer_dir = folder / "ckpt_sft", folder / "trainer"
     log_path = folder / "logs" / "training_log.json"
@@ -86,7 +88,7 @@ def main(args, extra_tokens=()) -> dict:
     train_path = Path(args.train_jsonl or data_dir / "train.jsonl")
     val_path = Path(args.val_jsonl or data_dir / "val.jsonl")
 
-    with runs.Manifest(folder, MODULE, args, cfg) as manifest:
+    with runs.Manifest(folder, MODULE, args, cfg, main_process=state.is_main_process) as manifest:
         # --- data ---
         train_limit = args.max_train_examples or (QUICK_TRAIN_EXAMPLES if args.quick_test else None)
         train_rows = load_split(train_path, train_limit, ("id", "prompt", "completion"))
@@ -98,7 +100,7 @@ def main(args, extra_tokens=()) -> dict:
         spec, spec_path = training.resolve_reward_spec(args.reward_spec, cfg, args.run_id)
         if spec_path:
             manifest.add_input("reward_spec", spec_path)
-        print(f"{len(train_rows)} training examples ({train_path}), {len(val_rows)} validation examples ({val_path}); "
+        say(f"{len(train_rows)} training examples ({train_path}), {len(val_rows)} validation examples ({val_path}); "
               f"reward spec: {spec_path or 'built-in defaults'}")
 
         # --- model ---
@@ -110,9 +112,9 @@ def main(args, extra_tokens=()) -> dict:
         if Path(base_model).is_dir():
             manifest.add_input("base_model", base_model)
         tokenizer = load_tokenizer(cfg)
-        model = load_model(cfg, dtype="float32")  # fp32 master weights; autocast per the dtype policy
+        model = load_model(cfg, dtype=training.sft_base_dtype(cfg))
         precision = training.mixed_precision(cfg)
-        print(f"precision: {precision['note']}")
+        say(f"precision: {precision['note']}")
 
         # --- train ---
         sft_config = SFTConfig(**training.training_arguments(cfg, trainer_dir, cfg["validation"]["eval_steps"]),
@@ -136,6 +138,8 @@ def main(args, extra_tokens=()) -> dict:
         output = trainer.train(resume_from_checkpoint=resume_from)
 
         # --- save ---
+        if not state.is_main_process:  # the main process holds the validation, best and log
+            return {}
         final = checkpoints.save_final(trainer.model, trainer.state.global_step)
         log.write(trainer.state)
         for name, path in (("final", final), ("best", ckpt_dir / "best"), ("training_log", log_path),
@@ -160,6 +164,7 @@ def main(args, extra_tokens=()) -> dict:
             "base_model": base_model,
             "reward_spec": str(spec_path) if spec_path else "built-in defaults",
             "n_train_examples": len(train_rows), "n_val_examples": len(val_rows),
+            "num_processes": state.num_processes,
         })
         print(f"done: final {final}; best step {best.get('step')} {best.get('metrics')}; "
               f"{log.tokens_per_s or 0:.1f} train tokens/s")

@@ -225,6 +225,7 @@ def main(args, extra=()) -> dict:
             print(f"[{i:2d}/{n}] {stage.name}: {'run' if run else 'skip'} ({why})\n        {stage.command}")
         return state
 
+    runs.lock_folder(run_dir)  # one driver per run: a second one would train into the same folders
     logs.mkdir(parents=True, exist_ok=True)
     started, t0 = runs.timestamp(), time.monotonic()
     info = {"run_id": opts.run_id, "command": command, "methods": list(opts.methods), "seeds": list(opts.seeds),

@@ -1,5 +1,6 @@
-"""Multi-process training: 05_train_ppo.py under `accelerate launch` with two CPU processes (gloo),
-and the configs/accelerate/*.yaml examples parse as accelerate configs."""
+"""Multi-process training: every trainer (03, 05, 06, 07, 09) under `accelerate launch` with two CPU
+processes (gloo) writes what one process writes (one manifest, one log with the validation, best chosen
+from it), and the configs/accelerate/*.yaml examples parse as accelerate configs."""
 import json
 import socket
 import sys
@@ -8,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_dpo import inputs as dpo_inputs  # noqa: F401 (fixtures)
+from tests.test_dpo import run09
+from tests.test_grpo_rloo import check_outputs, rl_command
 from tests.test_ppo import ppo_command, ppo_inputs, run_script  # noqa: F401 (ppo_inputs is a fixture)
+from tests.test_sft import sft, tiny  # noqa: F401 (tiny is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -39,11 +44,51 @@ def test_accelerate_configs_load(name, distributed_type, processes):
         assert raw["deepspeed_config"]["zero_stage"] == int(name[-1])
 
 
+def two_processes() -> tuple:
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port()))
+
+
+def check_one_writer(out: Path, stdout: str, report: str = "done: final") -> dict:
+    """What a single process would have written: one report, one manifest that counts both processes,
+    validation in the log, and best chosen from that validation (not a copy of final)."""
+    assert stdout.count(report) == 1, stdout[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["metrics"]["num_processes"] == 2
+    log = json.loads((out / "logs" / "training_log.json").read_text())["log_history"]
+    validations = [entry["step"] for entry in log if "val/exec_acc" in entry]
+    assert validations, "the training log lost the main process's validation entries"
+    best = json.loads(next(out.glob("ckpt_*/best/validation.json")).read_text())
+    assert best["step"] in validations and manifest["metrics"]["best_step"] == best["step"]
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
+    return manifest
+
+
+def test_sft_with_two_cpu_processes(tiny, tmp_path):  # noqa: F811
+    done = sft(tiny, tmp_path, "--max_steps", "2", "--validation.eval_steps", "2", "--training.save_steps", "2",
+               launcher=two_processes())
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_one_writer(tmp_path / "outputs" / "sft" / "03_sft", done.stdout)
+
+
+@pytest.mark.parametrize("script, module", [("06_train_grpo.py", "06_grpo"), ("07_train_rloo.py", "07_rloo")])
+def test_grpo_rloo_with_two_cpu_processes(ppo_inputs, tmp_path, script, module):  # noqa: F811
+    out = tmp_path / module
+    done = run_script(rl_command(script, ppo_inputs, out), launcher=two_processes())
+    check_one_writer(out, done.stdout)
+    check_outputs(out, module)
+
+
+def test_dpo_with_two_cpu_processes(dpo_inputs, tmp_path):  # noqa: F811
+    out = tmp_path / "dpo"
+    done = run09(dpo_inputs, out, launcher=two_processes())
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_one_writer(out, done.stdout, report="DPO: ")
+
+
 def test_ppo_quick_test_with_two_cpu_processes(ppo_inputs, tmp_path):  # noqa: F811
     out = tmp_path / "two_processes"
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port()))
-    done = run_script(ppo_command(ppo_inputs, out), launcher=launcher)
+    done = run_script(ppo_command(ppo_inputs, out), launcher=two_processes())
     assert done.stdout.count("PPO: ") == 1  # only the main process reports (and writes)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"

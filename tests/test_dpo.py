@@ -69,8 +69,8 @@ def inputs(tmp_path_factory):
     return tmp
 
 
-def run09(inputs, out, *args, pairs="pairs.jsonl", quick_test=True):
-    command = [sys.executable, "09_train_dpo.py", "--base_or_sft_ckpt", inputs / "03_sft", "--pairs",
+def run09(inputs, out, *args, pairs="pairs.jsonl", quick_test=True, launcher=(sys.executable,)):
+    command = [*launcher, "09_train_dpo.py", "--base_or_sft_ckpt", inputs / "03_sft", "--pairs",
                inputs / pairs, "--val_jsonl", inputs / "val.jsonl", "--output_dir", out,
                "--run_id", "pytest", "--paths.output_root", inputs / "outputs",
                "--training.per_device_train_batch_size", "2", "--training.gradient_accumulation_steps", "1",

@@ -165,3 +165,22 @@ def test_default_model_materialized():
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     meta = yaml.safe_load((DEFAULT_MODEL / "materialized_from.json").read_text())
     assert meta["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_each_process_takes_its_own_device_and_the_config_dtype(monkeypatch):
+    """Under `accelerate launch` on GPUs rank r loads onto cuda:r (not every rank onto cuda:0), and 03
+    loads a LoRA run's frozen base in the config's dtype, a full fine-tune's weights in float32."""
+    from utils import modeling, training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert modeling.default_device() == "cuda:1"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert modeling.default_device() == "cuda:0"
+    cfg = {"model": {"dtype": "auto"}, "lora": {"enabled": True}}
+    assert training.sft_base_dtype(cfg) == torch.bfloat16          # auto on a bf16 GPU
+    assert training.sft_base_dtype({**cfg, "model": {"dtype": "float16"}}) == torch.float16
+    assert training.sft_base_dtype({**cfg, "lora": {"enabled": False}}) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.default_device() == "cpu"

@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import random
 from datetime import datetime, timedelta
@@ -218,3 +219,57 @@ def test_git_info_outside_a_checkout(tmp_path, repo_root):
 
 def test_timestamp_is_utc_iso():
     assert datetime.fromisoformat(runs.timestamp()).utcoffset() == timedelta(0)
+
+
+# --- one writer per folder ---
+
+def hold_lock(folder) -> "subprocess.Popen":
+    """Another process that takes `folder`'s lock and keeps it until killed."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils import runs; "
+                               "runs.lock_folder(sys.argv[1]); print('held', flush=True); time.sleep(300)", str(folder)],
+                              cwd=runs.REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    time.sleep(0.1)
+    return holder
+
+
+def test_a_live_writer_keeps_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "_held_locks", set())
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(runs.UsageError, match=rf"run is being written by process {holder.pid} on "):
+            Manifest(tmp_path / "run", "03_sft").__enter__()
+        assert not (tmp_path / "run" / "manifest.json").exists()      # the second writer wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    with Manifest(tmp_path / "run", "03_sft") as manifest:             # the killed writer's lock: taken over
+        pass
+    lock = json.loads((tmp_path / "run" / runs.LOCK_FILE).read_text())
+    assert lock["pid"] == os.getpid() and manifest.status == "complete"
+    runs.lock_folder(tmp_path / "run")                                # this process already holds it: a no-op
+    runs._release(tmp_path / "run" / runs.LOCK_FILE)
+    assert not (tmp_path / "run" / runs.LOCK_FILE).exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]   # no staging file left
+
+
+def test_a_second_driver_on_a_live_run_stops_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "out" / "busy"
+    holder = hold_lock(run)   # the first driver's lock on its run folder
+    try:
+        done = subprocess.run([sys.executable, "12_driver.py", "--method", "grpo", "--quick_test", "--run_id", "busy",
+                               "--paths.output_root", str(tmp_path / "out")], cwd=runs.REPO_ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{run.resolve()} is being written by process {holder.pid}" in done.stderr
+    assert not (run / "run_manifest.json").exists() and not (run / "logs").exists()

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from utils.cli import UsageError
+from utils.cli import JobFailed
 
 
-class NonFiniteLogitsError(UsageError):
-    """The model produced NaN or +inf logits: its weights (a corrupt checkpoint) or its dtype are broken."""
+class NonFiniteLogitsError(JobFailed):
+    """The model produced NaN or +inf logits: its weights (a corrupt checkpoint) or its dtype are broken.
+    The command was fine and the job ran into it, so it exits 1, not as a usage error."""
 
 
 class FiniteLogitsCheck(LogitsProcessor):

@@ -220,6 +220,14 @@ def _from_pretrained(loader, path: str, what: str, **kwargs):
 
 # --- dtype ---
 
+def default_device() -> str:
+    """This process's device: cuda:<LOCAL_RANK> when CUDA is visible (under `accelerate launch` or
+    torchrun each process takes its own GPU; a single process takes cuda:0), else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
 def resolve_dtype(name="auto", device=None) -> torch.dtype:
     """Map a config dtype name to a torch dtype, following DESIGN.md's dtype policy.
 
@@ -241,7 +249,7 @@ def resolve_dtype(name="auto", device=None) -> torch.dtype:
     if key != "auto":
         raise ValueError(f"unknown dtype '{name}' (model.dtype): use one of auto, float32, "
                          f"bfloat16, float16")
-    device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    device_type = torch.device(device or default_device()).type
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -409,7 +417,7 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
             W + dW to bf16 erases every update smaller than half a bf16 step of W (measured: the
             quick-test SFT checkpoint writes the JSON format for 13/16 test prompts merged in
             float32, 0/16 merged in bf16, where it answers in prose like the base model).
-        device: "cpu", "cuda", "cuda:1"…; None = CUDA when available, else CPU.
+        device: "cpu", "cuda", "cuda:1"…; None = default_device() (this process's GPU, else CPU).
     Returns:
         The model in eval mode on `device`, with generation_config.pad_token_id set.
     """
@@ -418,7 +426,7 @@ def load_model(name_or_path_or_config, dtype="auto", device=None):
     section = _model_section(name_or_path_or_config)
     if section is not None and dtype == "auto":
         dtype = section.get("dtype") or "auto"
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(section if section is not None else name_or_path_or_config)
     options = _hub_kwargs(section, "revision", "trust_remote_code", "attn_implementation")

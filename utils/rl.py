@@ -323,19 +323,9 @@ def start_checkpoint(args, cfg: dict) -> str:
 
 
 def prepare_run_folder(folder: Path, method: str, resume: str | None, last_checkpoint=None) -> str | None:
-    """training.prepare_folder for an RL run, decided on the main process (a fresh run clears the
-    method's checkpoints, logs and validation generations) and shared with every process.
-    Returns the checkpoint --resume continues from, or None."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    # cpu=True without a GPU: under `accelerate launch` the processes then join over gloo (as the
-    # trainer's use_cpu does); without it each would believe it is the only, main, process
-    state = PartialState(cpu=not torch.cuda.is_available())
-    found = [training.prepare_folder(folder, (f"ckpt_{method}", "logs", "val_generations"), resume, last_checkpoint)
-             if state.is_main_process else None]
-    return broadcast_object_list(found)[0]
+    """training.prepare_folder for an RL run: a fresh run clears the method's checkpoints, logs and
+    validation generations. Returns the checkpoint --resume continues from, or None."""
+    return training.prepare_folder(folder, (f"ckpt_{method}", "logs", "val_generations"), resume, last_checkpoint)
 
 
 def output_folder(args, cfg: dict, module: str) -> Path:
@@ -408,7 +398,9 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
     (model, reward_funcs, train_dataset, processing_class, callbacks). Returns the manifest metrics.
     """
     method = cfg["algorithm"]["name"]
-    print(config_lib.dump(cfg))
+    state = training.process_state()  # first: every process then loads its model onto its own device
+    say = print if state.is_main_process else (lambda *_, **__: None)  # one process reports, one writes
+    say(config_lib.dump(cfg))
     folder = output_folder(args, cfg, module)
     ckpt_dir, log_path = folder / f"ckpt_{method}", folder / "logs" / "training_log.json"
     resume_from = prepare_run_folder(folder, method, args.resume)
@@ -417,7 +409,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
     train_path = Path(args.train_jsonl or data_dir / "train.jsonl")
     val_path = Path(args.val_jsonl or data_dir / "val.jsonl")
 
-    with runs.Manifest(folder, module, args, cfg) as manifest:
+    with runs.Manifest(folder, module, args, cfg, main_process=state.is_main_process) as manifest:
         # --- data ---
         train = load_prompts(train_path, QUICK_TEST_TRAIN_PROMPTS if args.quick_test else None)
         val_rows = read_split(val_path, "--val_jsonl")[:cfg["validation"]["num_samples"]]
@@ -425,7 +417,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
         for name, path in (("train", train_path), ("val", val_path), ("reward_spec", spec_path)):
             if path is not None:
                 manifest.add_input(name, path)
-        print(f"{len(train)} training prompts ({train_path}), {len(val_rows)} validation examples ({val_path}); "
+        say(f"{len(train)} training prompts ({train_path}), {len(val_rows)} validation examples ({val_path}); "
               f"reward spec: {spec_path or 'built-in defaults'}")
 
         # --- policy ---
@@ -434,7 +426,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
             manifest.add_input("policy_ckpt", ckpt)
         model, tokenizer, policy = load_policy(ckpt, cfg)
         precision = training.mixed_precision(cfg)
-        print(f"policy: {ckpt} on {policy['base_model']} ({policy['dtype']} base, fp32 LoRA; {precision['note']})")
+        say(f"policy: {ckpt} on {policy['base_model']} ({policy['dtype']} base, fp32 LoRA; {precision['note']})")
 
         # --- train ---
         functions, weights = reward_functions(spec, sample_log)
@@ -447,6 +439,8 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
         output = trainer.train(resume_from_checkpoint=resume_from)
 
         # --- save ---
+        if not state.is_main_process:  # the main process holds the validation, best and log
+            return {}
         final = checkpoints.save_final(trainer.model, trainer.state.global_step)
         log.write(trainer.state)
         for name, path in (("final", final), ("best", ckpt_dir / "best"), ("training_log", log_path),
@@ -458,7 +452,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
             "dtype": policy["dtype"], "mixed_precision": "bf16" if precision["bf16"] else "no",
             "base_model": policy["base_model"], "policy_ckpt": str(ckpt),
             "reward_spec": str(spec_path) if spec_path else "built-in defaults",
-            "n_train_prompts": len(train), "n_val_examples": len(val_rows),
+            "n_train_prompts": len(train), "n_val_examples": len(val_rows), "num_processes": state.num_processes,
         })
         print(f"done: final {final}; best step {manifest.metrics['best_step']}; "
               f"{manifest.metrics['train_tokens_per_s'] or 0:.1f} tokens/s, "

@@ -9,11 +9,13 @@
 
 manifest.json is written when the block starts (status "running") and when it ends ("complete",
 or "failed" with the error, which then propagates). Every write goes to a temporary file in the
-same folder and is renamed over the target, so a reader never sees half a file.
+same folder and is renamed over the target, so a reader never sees half a file. A folder has one
+writer: entering the block takes lock_folder(folder), and a second live process stops in one line.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import importlib.metadata
 import json
@@ -267,6 +269,75 @@ def device_name() -> str:
     return "cpu"
 
 
+# --- one writer per folder ---
+LOCK_FILE = ".writer.lock"
+_held_locks: set[Path] = set()
+
+
+def _lock_holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process still runs. On another host it cannot be told: taken as alive."""
+    if holder.get("host") != platform.node():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _release(path: Path) -> None:
+    holder = _lock_holder(path)
+    if holder and holder.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+def lock_folder(folder: str | Path) -> None:
+    """Make this process the one writer of `folder` until it exits (a no-op when it already is).
+
+    A live process holding the folder stops this one with one line naming its process id and the
+    folder (UsageError: exit 2, nothing written). A lock left by a process that died (killed or
+    crashed: it never released it) is taken over, as a resumed stage takes over a killed one's
+    folder. The lock file is complete whenever it exists: written aside, then hard-linked into place,
+    which fails when another process got there first.
+    """
+    folder = Path(folder).resolve()
+    if folder in _held_locks:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": platform.node(), "started_at": timestamp(), "command": shlex.join(sys.argv)}
+    for _ in range(3):
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".lock-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None or _alive(holder):
+                who = (f"process {holder['pid']} on {holder['host']} (since {holder['started_at']}: "
+                       f"{holder['command'][:200]})" if holder else "another process")
+                raise UsageError(f"{folder} is being written by {who}: wait for it to end, or write elsewhere "
+                                 f"(another --run_id or --output_dir); if that process is gone, delete {path}")
+            path.unlink(missing_ok=True)  # its writer died without releasing it
+            continue
+        finally:
+            os.unlink(staging)
+        _held_locks.add(folder)
+        atexit.register(_release, path)
+        return
+    raise UsageError(f"{path}: could not take the lock (it changed hands three times); run again")
+
+
 # --- manifest ---
 class Manifest:
     """manifest.json of one module run; a context manager (see the module docstring)."""
@@ -330,6 +401,8 @@ class Manifest:
         return atomic_write_json(self.path, self.to_dict()) if self.main_process else self.path
 
     def __enter__(self) -> "Manifest":
+        if self.main_process:
+            lock_folder(self.folder)
         self.started_at, self._t0 = timestamp(), time.monotonic()
         self._git, self._versions = git_info(), package_versions()
         self.status = "running"

@@ -36,15 +36,16 @@ from transformers import TrainerCallback
 
 from utils import config as config_lib
 from utils import modeling, runs
+from utils.cli import JobFailed
 from utils.rewards import RewardSpec, load_spec, score
 
 VALIDATION_FILE = "validation.json"  # in a checkpoint folder: the validation of that step
 STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(JobFailed):
     """The training loss (or the weights) became NaN/inf; the message names the step and the
-    last good checkpoint."""
+    last good checkpoint. A diverged run is a job that ran and failed: one line, exit 1."""
 
 
 # --- config -> trainer arguments ---
@@ -68,7 +69,7 @@ def mixed_precision(cfg: dict, device: str | None = None) -> dict:
     slow reference kernel (measured on an AVX2-only EPYC: a 512x576x1536 linear forward+backward
     took 1686 ms in bf16 against 225 ms in fp32).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or modeling.default_device()
     dtype = modeling.resolve_dtype(cfg["model"]["dtype"], device)
     name = str(dtype).replace("torch.", "")
     if dtype == torch.bfloat16:
@@ -79,6 +80,16 @@ def mixed_precision(cfg: dict, device: str | None = None) -> dict:
             + (" (fp16 autocast needs CUDA)" if dtype == torch.float16 else "")
             + ("; no native bf16 on this CPU" if device == "cpu" and cfg["model"]["dtype"] == "auto" else ""))
     return {"bf16": False, "fp16": False, "dtype": "float32", "note": note}
+
+
+def sft_base_dtype(cfg: dict, device: str | None = None) -> torch.dtype:
+    """The dtype 03 loads the base model in. Under LoRA the config's (model.dtype): the frozen base
+    needs no float32 master copy (an 8B base takes 16 GB in bf16, not 32 per process), and peft
+    keeps the trained adapter in float32. For full fine-tuning float32: those weights are the
+    master weights the optimizer updates, and autocast computes in the config's dtype."""
+    if not cfg["lora"]["enabled"]:
+        return torch.float32
+    return modeling.resolve_dtype(cfg["model"]["dtype"], device or modeling.default_device())
 
 
 def training_arguments(cfg: dict, output_dir, eval_steps: int | None = None) -> dict:
@@ -133,8 +144,19 @@ def resolve_reward_spec(path: str | None, cfg: dict, run_id: str) -> tuple[Rewar
     return load_spec(path), Path(path)
 
 
+def process_state():
+    """This process's accelerate state. Every trainer creates it before it loads a model: under
+    `accelerate launch` it joins the processes and gives each its own device (cuda:<local rank>);
+    without a GPU cpu=True makes the processes join over gloo (as the trainers' use_cpu does),
+    where without it each would take itself for the only, main, process."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint=None) -> str | None:
-    """The checkpoint --resume continues from; a fresh run clears the previous run's outputs.
+    """The checkpoint --resume continues from; a fresh run clears the previous run's outputs. Decided
+    on the main process alone (two processes clearing one folder would race) and shared with all.
 
     Args:
         folder: the module folder.
@@ -144,7 +166,15 @@ def prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint=No
         last_checkpoint: folder -> the newest resumable checkpoint or None (default: the
             trainer's newest complete trainer/checkpoint-N).
     """
-    folder = Path(folder)
+    from accelerate.utils import broadcast_object_list
+
+    found = [_prepare_folder(Path(folder), outputs, resume, last_checkpoint)
+             if process_state().is_main_process else None]
+    return broadcast_object_list(found)[0]
+
+
+def _prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint) -> str | None:
+    runs.lock_folder(folder)  # before anything is cleared: a live writer of this folder keeps it
     if resume is not None:
         find = last_checkpoint or (lambda f: last_trainer_checkpoint(f / "trainer"))
         found = find(folder) if resume in ("last", "auto") else (resume if Path(resume).is_dir() else None)
