@@ -69,13 +69,18 @@ def prompt_batch(examples: list[dict], step: int, batch_size: int, seed: int) ->
 def main(args, extra_tokens=()) -> dict:
     cfg = config_lib.from_args(args, extra_tokens, QUICK_TEST)
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
 
     from utils.ppo import PPOHyperparams, PPOTrainer, build_policy
 
     # no GPU: say so, or processes started by torchrun (accelerate's multi-process launcher, see
     # configs/accelerate/cpu_2proc.yaml) would each run alone instead of joining a gloo group
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine wants a dataloader to size its micro-batches and steps the optimizer
+        # inside every backward: PPO's own minibatch loop (several clipped updates per rollout) fits neither
+        raise cli.UsageError("05_train_ppo.py runs in one process or under plain data parallelism, not DeepSpeed: "
+                             "accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml 05_train_ppo.py ...")
     is_main = accelerator.is_main_process
     hp = PPOHyperparams.from_config(cfg)
     seed = cfg["training"]["seed"]

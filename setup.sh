@@ -16,6 +16,9 @@ models/SmolLM2-135M-Instruct/model.safetensors exists.
 
   --restart   delete ./venv and rebuild it
   --help      show this help
+
+Environment: TORCH_INDEX_URL=URL installs torch from that wheel index on a GPU machine (a CUDA
+version other than PyPI's build). With an NVIDIA GPU that torch cannot use, setup stops.
 EOF
 }
 
@@ -56,7 +59,7 @@ PY="$VENV/bin/python"
 
 # --- packages ---
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then GPU=1; else GPU=0; fi
-WANT=$( { cat requirements.txt; echo "$SMOLLM2_PIN gpu=$GPU"; } | sha256sum | cut -d' ' -f1)
+WANT=$( { cat requirements.txt; echo "$SMOLLM2_PIN gpu=$GPU${TORCH_INDEX_URL:+ $TORCH_INDEX_URL}"; } | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$WANT" ]]; then
   step "packages: up to date ($STAMP matches requirements.txt)"
 else
@@ -65,8 +68,11 @@ else
   if [[ $GPU == 1 ]]; then
     # PyPI's Linux wheel of the pinned version is the CUDA build; the local wheel cache
     # (pip's find-links) holds the CPU build, so skip pip's config files for this one install
-    step "packages: $TORCH_PIN from PyPI (NVIDIA GPU found)"
-    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q "$TORCH_PIN"
+    # TORCH_INDEX_URL: a PyTorch wheel index for another CUDA version than PyPI's build
+    # (e.g. https://download.pytorch.org/whl/cu121 for an older driver)
+    step "packages: $TORCH_PIN from ${TORCH_INDEX_URL:-PyPI} (NVIDIA GPU found)"
+    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q \
+      ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_PIN"
   else
     # never unpinned: plain 'torch' would pull a multi-GB CUDA build
     step "packages: $TORCH_PIN, CPU build (no NVIDIA GPU)"
@@ -80,6 +86,11 @@ else
   step "packages: done in $(elapsed "$t")"
 fi
 "$PY" -c "import torch, transformers; print('    torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
+if [[ $GPU == 1 ]] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  # otherwise every script would quietly train on the CPU
+  echo "setup.sh: nvidia-smi sees a GPU but torch $("$PY" -c 'import torch; print(torch.__version__)') cannot use it (a driver older than its CUDA build?): install a matching build with TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<version> bash setup.sh --restart" >&2
+  exit 1
+fi
 
 # --- default model ---
 if [[ -f $MODEL_DIR/model.safetensors ]]; then

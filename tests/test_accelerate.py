@@ -42,6 +42,8 @@ def test_accelerate_configs_load(name, distributed_type, processes):
     assert config.distributed_type.value == distributed_type and config.num_processes == processes
     if distributed_type == "DEEPSPEED":
         assert raw["deepspeed_config"]["zero_stage"] == int(name[-1])
+        # left to 'auto', DeepSpeed takes them from the training config instead of overriding it
+        assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(raw["deepspeed_config"])
 
 
 def two_processes() -> tuple:

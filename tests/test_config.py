@@ -139,7 +139,7 @@ def test_model_then_algorithm_then_cli():
     model_only = load("tinyllama-1.1b")
     with_algo = load("tinyllama-1.1b", "grpo")
     with_cli = load("tinyllama-1.1b", "grpo", ["--learning_rate", "2e-5", "--max_steps", "5"])
-    assert model_only["training"]["learning_rate"] == 5e-6           # tinyllama-1.1b.yaml
+    assert model_only["training"]["learning_rate"] == 1e-4           # tinyllama-1.1b.yaml
     assert with_algo["training"]["learning_rate"] == 1e-5            # grpo.yaml overrides the model
     assert with_cli["training"]["learning_rate"] == 2e-5             # the command line overrides both
     assert (model_only["training"]["max_steps"], with_algo["training"]["max_steps"],
