@@ -158,7 +158,7 @@ def main(args, extra_tokens=()) -> dict:
             "train_runtime_s": output.metrics.get("train_runtime"),
             "train_tokens": log.tokens,
             "train_tokens_per_s": log.tokens_per_s,
-            "peak_rss_gb": log.peak_rss_gb,
+            "peak_rss_gb": log.peak_rss_gb, "peak_gpu_gb": log.peak_gpu_gb,
             "dtype": precision["dtype"], "mixed_precision": "bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
             "precision_note": precision["note"],
             "base_model": base_model,

@@ -262,7 +262,8 @@ def main(args, extra_tokens=()) -> dict:
             best = checkpoints.best or {}
             metrics = {"global_step": trainer.state.global_step, "train_loss_mean": output.training_loss,
                        "train_runtime_s": output.metrics.get("train_runtime"), "train_tokens_per_s":
-                       log.tokens_per_s, "peak_rss_gb": log.peak_rss_gb, "best_step": best.get("step"),
+                       log.tokens_per_s, "peak_rss_gb": log.peak_rss_gb, "peak_gpu_gb": log.peak_gpu_gb,
+                       "best_step": best.get("step"),
                        **{f"best_val_{k}": best.get("metrics", {}).get(k) for k in ("exec_acc", "reward_mean")},
                        **{f"val/{k}": v for k, v in (validation.latest or {}).get("metrics", {}).items()
                           if k in ("exec_acc", "prog_acc", "format_rate", "reward_mean")}}

@@ -10,7 +10,7 @@ Prompts are sorted by length so each batch pads little, left-padded (a decoder c
 the last position of every row), generated with the KV cache and stopped at EOS; the results
 come back in input order. When sampling K completions, each prompt runs through the model once
 and its KV cache is copied K times (transformers would run the prompt K times). NaN or +inf
-logits stop generation with NonFiniteLogitsError instead of transformers' opaque "probability
+logits end the batch in NonFiniteLogitsError instead of transformers' opaque "probability
 tensor contains inf/nan".
 """
 from __future__ import annotations
@@ -28,32 +28,41 @@ class NonFiniteLogitsError(JobFailed):
 
 
 class FiniteLogitsCheck(LogitsProcessor):
-    """Raise on NaN/+inf logits. -inf is left alone: processors use it to mask tokens.
+    """Find NaN/+inf logits without a host sync per token; raise() once after generation.
 
-    Custom processors run after transformers' own and before the sampling warpers
-    (temperature, top-p), so this sees the model's logits as they reach sampling.
+    Reading a GPU flag every token (bool(...)) would stall the GPU once per generated token, so the
+    check keeps, on the device, the first generated token at which each row broke, and gives broken
+    rows uniform scores so sampling carries on instead of failing inside torch; raise_if_broken()
+    reads that once. -inf is left alone: processors use it to mask tokens, but a row that is all
+    -inf has no token left to sample and counts as broken. Custom processors run after
+    transformers' own and before the sampling warpers (temperature, top-p), so this sees the
+    model's logits as they reach sampling.
     """
 
     def __init__(self, prompt_length: int, checkpoint: str | None):
         self.prompt_length = prompt_length
         self.checkpoint = checkpoint
+        self.first_broken = None  # per row: the generated token it first broke at, -1 while fine
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # generate() already upcasts to float32, but an fp16 model's logits can overflow to inf
-        # before that; float() keeps the check exact for any caller
+        # generate() upcasts to float32, but an fp16 model's logits can overflow to inf before that
         values = scores.float()
-        if bool(torch.isfinite(values).all()):  # the common case: one check per step
-            return scores
-        # a row that is all -inf has no token left to sample: as broken as NaN
         broken = torch.isnan(values).any(-1) | torch.isposinf(values).any(-1) | torch.isneginf(values).all(-1)
-        if bool(broken.any()):
-            step = input_ids.shape[1] - self.prompt_length
-            rows = broken.nonzero().flatten().tolist()
-            raise NonFiniteLogitsError(
-                f"checkpoint {self.checkpoint or '<unnamed model>'} produced NaN/inf logits at generated "
-                f"token {step} (batch rows {rows[:8]}); the weights may be corrupt (a diverged training "
-                f"run) or overflow in half precision: try dtype float32 (--model.dtype float32)")
-        return scores
+        if self.first_broken is None:
+            self.first_broken = torch.full_like(broken, -1, dtype=torch.long)
+        step = input_ids.shape[1] - self.prompt_length
+        self.first_broken = torch.where(broken & (self.first_broken < 0), step, self.first_broken)
+        return torch.where(broken[:, None], torch.zeros_like(scores), scores)
+
+    def raise_if_broken(self) -> None:
+        if self.first_broken is None or not bool((self.first_broken >= 0).any()):  # the one host sync
+            return
+        rows = (self.first_broken >= 0).nonzero().flatten().tolist()
+        step = int(self.first_broken[rows].min())
+        raise NonFiniteLogitsError(
+            f"checkpoint {self.checkpoint or '<unnamed model>'} produced NaN/inf logits at generated "
+            f"token {step} (batch rows {rows[:8]}); the weights may be corrupt (a diverged training "
+            f"run) or overflow in half precision: try dtype float32 (--model.dtype float32)")
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -173,6 +182,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
                     batch = _share_prompt_cache(model, batch, copies)
                 check = FiniteLogitsCheck(width, checkpoint)
                 output = model.generate(**batch, **options, logits_processor=LogitsProcessorList([check]))
+                check.raise_if_broken()
                 new_tokens = output[:, width:].tolist()  # rows are prompt-major: prompt i's copies together
                 ends = [next((t + 1 for t, token in enumerate(row) if token in eos_set), None) for row in new_tokens]
                 counts = [end or len(row) for end, row in zip(ends, new_tokens)]

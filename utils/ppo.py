@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from trl.trainer.utils import use_adapter
 
+from utils import training
 from utils.generation import generate
 from utils.rewards import RewardSpec, reward_log, score
 from utils.rl import REFERENCE_ADAPTER
@@ -440,19 +440,19 @@ class PPOTrainer:
         time/update_s (the PPO epochs: forward, backward, optimizer), time/step_s (the whole step;
         what the parts leave is the rollout's policy and value pass and GAE).
         """
-        started = time.perf_counter()
+        started = training.synced_clock()
         seed = self.hp.seed + 100_003 * step + 1_009 * self.accelerator.process_index  # per step and process
         kl_coef = self.kl_controller.value
         experience = self.collect(examples, seed, kl_coef)
         times = experience.pop("times")
-        update_started = time.perf_counter()
+        update_started = training.synced_clock()
         stats = self.update(experience, seed)
-        times["time/update_s"] = time.perf_counter() - update_started
+        times["time/update_s"] = training.synced_clock() - update_started
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # once per PPO step: early stopping makes the update count vary
         metrics = self.summarize(experience, stats)
         self.kl_controller.update(metrics["ppo/kl_per_completion"], n_steps=self.hp.rollout_batch_size)
-        elapsed = time.perf_counter() - started
+        elapsed = training.synced_clock() - started
         generated_tokens = metrics.pop("generated_tokens")
         metrics.update({"learning_rate": learning_rate, "train/tokens_per_s": generated_tokens / elapsed,
                         "ppo/kl_coef": kl_coef, **times, "time/step_s": elapsed})
@@ -461,13 +461,13 @@ class PPOTrainer:
     def collect(self, examples: list[dict], seed: int, kl_coef: float) -> dict:
         """Rollout, scores, old/reference log-probs, values, KL-penalized rewards, GAE."""
         acc, hp, model = self.accelerator, self.hp, self.unwrapped
-        started = time.perf_counter()
+        started = training.synced_clock()
         # --- rollout ---
         rollout = sample_rollout(model.policy, self.tokenizer, [e["prompt"] for e in examples], hp, seed,
                                  acc.device)
-        times = {"time/generate_s": time.perf_counter() - started, "time/reference_s": 0.0}
+        times = {"time/generate_s": training.synced_clock() - started, "time/reference_s": 0.0}
         results = [score(text, example, self.spec) for text, example in zip(rollout.texts, examples)]
-        times["time/rewards_s"] = time.perf_counter() - started - times["time/generate_s"]
+        times["time/rewards_s"] = training.synced_clock() - started - times["time/generate_s"]
         scores = torch.tensor([r.total for r in results], dtype=torch.float32, device=acc.device)
         mask, responses, length = rollout.mask, rollout.responses, rollout.response_length
         logprobs, ref_logprobs, values = [], [], []
@@ -477,10 +477,10 @@ class PPOTrainer:
                 logits, value = model(ids, attention, length)
                 logprobs.append(logprobs_from_logits(logits / hp.temperature, responses[rows]))
                 values.append(value.float())
-                reference_started = time.perf_counter()
+                reference_started = training.synced_clock()
                 ref_logits = model.reference_logits(ids, attention, length)
                 ref_logprobs.append(logprobs_from_logits(ref_logits / hp.temperature, responses[rows]))
-                times["time/reference_s"] += time.perf_counter() - reference_started
+                times["time/reference_s"] += training.synced_clock() - reference_started
         logprobs, ref_logprobs, values = (torch.cat(x) for x in (logprobs, ref_logprobs, values))
 
         # --- rewards: normalized, clipped score + per-token KL penalty ---

@@ -23,7 +23,6 @@ its algorithm's own hyperparameters to trainer_arguments() and builds the TRL tr
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -264,11 +263,11 @@ class StepTimes(training.TrainerCallback):
         cls._installed = True
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
+        self._started = training.synced_clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._started is not None:
-            self._step_s += time.perf_counter() - self._started
+            self._step_s += training.synced_clock() - self._started
             self._steps += 1
             self._started = None
 
@@ -478,6 +477,7 @@ def final_metrics(history: list[dict], best: dict | None, log) -> dict:
         "train_tokens": log.tokens,
         "train_tokens_per_s": log.tokens_per_s,
         "peak_rss_gb": log.peak_rss_gb,
+        "peak_gpu_gb": log.peak_gpu_gb,
         "best_step": best.get("step"),
         **{f"best_val_{key}": best.get("metrics", {}).get(key) for key in ("exec_acc", "format_rate", "reward_mean")},
         **{f"{when}_val_{key}": (entry or {}).get(f"val/{key}") for when, entry in

@@ -471,12 +471,32 @@ def peak_rss_gb(reset: bool = True) -> float | None:
     return round(kilobytes / 2**20, 3)
 
 
+def peak_gpu_gb(reset: bool = True) -> float | None:
+    """Peak GPU memory allocated by this process's tensors (GB) since the previous call; None without CUDA.
+    Beside peak_rss_gb, which counts host memory only."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    peak = torch.cuda.max_memory_allocated()
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(peak / 2**30, 3)
+
+
+def synced_clock() -> float:
+    """time.perf_counter() once the GPU has finished its queued work: CUDA kernels run asynchronously,
+    so an unsynchronized clock would time their launch rather than their run."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class TrainingLog:
     """The one training-log writer of every trainer (SFT, PPO, GRPO, RLOO, DPO): logs/training_log.json
     ({"log_history": [...]}, NaN/inf as null, rewritten atomically) and, with report_to tensorboard,
     TensorBoard events beside it (`tensorboard --logdir outputs/<run_id>`), one scalar per
     numeric key of each entry at its step. Each new training entry (one with a "loss") gets
-    `peak_rss_gb`: the process's peak resident memory since the previous one (peak_rss_gb()).
+    `peak_rss_gb`: the process's peak resident memory since the previous one (peak_rss_gb()), and
+    on a GPU `peak_gpu_gb` (peak_gpu_gb()).
 
     Args:
         path: the JSON file (its folder receives the event files).
@@ -490,6 +510,7 @@ class TrainingLog:
         self.logged = logged
         self.events = None
         self.peak_rss_gb: float | None = None  # the largest peak_rss_gb logged by this process
+        self.peak_gpu_gb: float | None = None  # likewise peak_gpu_gb (None without CUDA)
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -503,6 +524,9 @@ class TrainingLog:
             if "loss" in entry and "peak_rss_gb" not in entry:
                 entry["peak_rss_gb"] = peak_rss_gb()
                 self.peak_rss_gb = max(self.peak_rss_gb or 0.0, entry["peak_rss_gb"] or 0.0) or None
+                if (gpu := peak_gpu_gb()) is not None:
+                    entry["peak_gpu_gb"] = gpu
+                    self.peak_gpu_gb = max(self.peak_gpu_gb or 0.0, gpu)
         history = [{k: _finite_or_none(v) for k, v in entry.items()} for entry in history]
         runs.atomic_write_json(self.path, {"log_history": history})
         if self.events is not None:
@@ -546,6 +570,11 @@ class JsonLogCallback(TrainerCallback):
         return self.log.peak_rss_gb if self.log else None
 
     @property
+    def peak_gpu_gb(self) -> float | None:
+        """The largest per-log peak GPU memory (GB) of this process's run; None without CUDA."""
+        return self.log.peak_gpu_gb if self.log else None
+
+    @property
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.train_time_s if self.train_time_s > 0 and self.tokens else None
 
@@ -560,11 +589,11 @@ class JsonLogCallback(TrainerCallback):
             self.write(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
+        self._step_started = synced_clock()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._step_started is not None:
-            self.train_time_s += time.perf_counter() - self._step_started
+            self.train_time_s += synced_clock() - self._step_started
             self._step_started = None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -620,10 +649,16 @@ class NonFiniteGuard(TrainerCallback):
         if model is None:
             return
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad and not bool(torch.isfinite(param).all()):
-                    self._fail(state, f"the update left NaN/inf in the trainable weight {name} "
-                                      f"(the loss or its gradient was not finite)")
+            trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+            if not trainable:
+                return
+            # one host sync per step (a GPU stalls at each read), not one per parameter
+            flags = torch.stack([torch.isfinite(param).all() for _, param in trainable])
+            if bool(flags.all()):
+                return
+            name = trainable[int((~flags).nonzero()[0])][0]
+            self._fail(state, f"the update left NaN/inf in the trainable weight {name} "
+                              f"(the loss or its gradient was not finite)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):
