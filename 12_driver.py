@@ -7,6 +7,7 @@
     python 12_driver.py --method all --dataset synthetic --quick_test --dry_run   # print the plan only
     python 12_driver.py --method all --quick_test --force 03_sft     # retrain SFT; what reads it reruns
     python 12_driver.py --recipe ladder_cpu                          # every method on accuracy, CPU-sized
+    python 12_driver.py --method grpo --launcher "accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml"
 
 Stages: 00 check data, 01 prepare, 02 rewards, then per seed 03 SFT (shared by the seed's methods),
 04 candidates and 08 preferences (DPO only), the methods (05 PPO, 06 GRPO, 07 RLOO, 09 DPO), then 10 evaluates
@@ -18,6 +19,9 @@ complete checkpoint (--resume auto). With several seeds, seed-specific folders a
 suffix (03_sft_seed1, grpo_seed1). Unknown --section.key value flags are passed to every stage; --algorithm.*
 ones to the method's stages. Writes outputs/<run>/run_manifest.json (every stage's command, inputs, manifest,
 status and time) and outputs/<run>/README.md (configuration, commands, results table).
+
+--launcher runs the training stages (03, 05, 06, 07, 09) through a launcher, so one driver command trains on
+several GPUs (one writer per run: only the main process writes); the other stages run in one process.
 
 --recipe NAME reads configs/recipes/NAME.yaml (or a path): its `driver:` section sets this script's flags
 (the command line wins), `overrides:` are --section.key values for every stage (the command line's win) and
@@ -66,6 +70,10 @@ def parse_args(argv=None):
     parser.add_argument("--num_examples", type=int, default=None,
                         help="synthetic: examples over all splits (default: 01's)")
     parser.add_argument("--skip_base_eval", action="store_true", help="do not evaluate the base model (zero-shot)")
+    parser.add_argument("--launcher", default=None,
+                        help="run the training stages (03, 05, 06, 07, 09) through this command, e.g. \"accelerate "
+                             "launch --config_file configs/accelerate/multi_gpu_ddp.yaml\" (one process per GPU); "
+                             "the other stages run in one process (default: python)")
     parser.add_argument("--recipe", default=None,
                         help="a recipe: a name in configs/recipes/ (ladder_cpu) or a YAML path; sets driver flags "
                              "and per-stage flags (see above)")
@@ -142,7 +150,7 @@ def cpu_seconds() -> float:
 def run_stage(stage: driver.Stage, log_path: Path, extra=()) -> int:
     """Run the stage's script (+ extra flags), its output teed to the console and the log (raw bytes:
     progress bars survive)."""
-    cmd = [sys.executable, str(REPO_ROOT / stage.script), *stage.args, *extra]
+    cmd = [*(stage.launcher or (sys.executable,)), str(REPO_ROOT / stage.script), *stage.args, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # unbuffered: `tail -f` the log while a stage runs; a resumed stage's log keeps the cut-short attempt
     with open(log_path, "ab" if extra else "wb", buffering=0) as log:
@@ -189,7 +197,8 @@ def resolve(args, extra) -> tuple[driver.Options, dict]:
         quick_test=args.quick_test,
         config_files=(str(config_lib.resolve_config_path(args.config, config_lib.MODELS_DIR)),),
         algo_files=algo_files, levels=tuple(args.levels or ()), num_examples=args.num_examples,
-        stage_flags=args.stage_flags, evaluate_base=not args.skip_base_eval)
+        stage_flags=args.stage_flags, evaluate_base=not args.skip_base_eval,
+        launcher=tuple(shlex.split(args.launcher)) if args.launcher else ())
     return opts, cfg
 
 

@@ -108,6 +108,18 @@ def test_plan_all_methods_one_seed():
         assert stage.inputs[0] == CFG                       # the model config is every stage's input
 
 
+def test_launcher_runs_the_training_stages_only():
+    launcher = ("accelerate", "launch", "--config_file", "configs/accelerate/multi_gpu_ddp.yaml")
+    s = by_name(driver.plan(opts(launcher=launcher)))
+    trained = {name for name, stage in s.items() if stage.launcher}
+    assert trained == {"03_sft", "05_ppo", "06_grpo", "07_rloo", "09_dpo"}
+    assert s["06_grpo"].command.startswith("accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml "
+                                           "06_train_grpo.py --policy_ckpt")
+    assert s["10_eval_grpo"].command.startswith("python 10_evaluate.py")
+    # the launcher is not part of the command line a completed stage is compared on
+    assert s["06_grpo"].argv == by_name(driver.plan(opts()))["06_grpo"].argv
+
+
 def test_plan_without_dpo_has_no_candidates_or_pairs():
     assert names(driver.plan(opts(methods=("grpo",)))) == [
         "00_data_validation", "01_preprocessing", "02_rewards", "03_sft", "06_grpo",

@@ -26,6 +26,9 @@ from utils.comparison import LEARNABILITY_HINT
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
 # method -> (module folder, script); the folder names are DESIGN.md's
+# the stages a --launcher runs (several processes train one model); data, candidates, pairs,
+# evaluation and comparison run in one process
+TRAINING_SCRIPTS = ("03_sft_train.py", "05_train_ppo.py", "06_train_grpo.py", "07_train_rloo.py", "09_train_dpo.py")
 METHOD_STAGES = {"ppo": ("05_ppo", "05_train_ppo.py"), "grpo": ("06_grpo", "06_train_grpo.py"),
                  "rloo": ("07_rloo", "07_train_rloo.py"), "dpo": ("09_dpo", "09_train_dpo.py")}
 # scripts that train or generate, so take --quick_test
@@ -70,6 +73,7 @@ class Options:
     # recipe flags per stage kind (RECIPE_STAGES), before the command line's overrides, which win
     stage_flags: dict = field(default_factory=dict)
     evaluate_base: bool = True             # evaluate the base model too (zero-shot)
+    launcher: tuple[str, ...] = ()         # runs the training stages (TRAINING_SCRIPTS), e.g. accelerate launch ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Stage:
     inputs: tuple[str, ...] = ()   # files the driver knows it reads (config files), hashed besides the manifest's
     seed: int | None = None
     method: str | None = None      # sft, ppo, ... for training stages and evaluations
+    launcher: tuple[str, ...] = ()  # the program that runs the script; () = this Python
 
     @property
     def argv(self) -> list[str]:
@@ -91,7 +96,7 @@ class Stage:
 
     @property
     def command(self) -> str:
-        return shlex.join(["python", *self.argv])
+        return shlex.join([*(self.launcher or ("python",)), *self.argv])
 
 
 # --- command line ---
@@ -184,7 +189,7 @@ def _stage(opts: Options, name, script, folder, what, args=(), *, manifest=None,
         inputs += [opts.algo_files[algo]] if algo in opts.algo_files else []
     argv += [*opts.stage_flags.get(kind, ()), *opts.overrides, *(opts.algo_overrides if algo else ())]
     return Stage(name, script, tuple(argv), folder, manifest or str(Path(folder) / "manifest.json"), what,
-                 tuple(deps), tuple(inputs), seed, method)
+                 tuple(deps), tuple(inputs), seed, method, opts.launcher if script in TRAINING_SCRIPTS else ())
 
 
 def plan(opts: Options) -> list[Stage]:
