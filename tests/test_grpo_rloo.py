@@ -217,3 +217,18 @@ def test_grpo_resume_continues_from_step_2(grpo_run, tmp_path):
     run_script(rl_command("06_train_grpo.py", grpo_run.parent, out, "--max_steps", "3", "--resume"))
     check_outputs(out, "06_grpo", steps=(1, 2, 3))
     assert (out / "trainer" / "checkpoint-3").is_dir()
+
+
+def test_vllm_over_a_half_precision_base_needs_the_opt_in():
+    from utils.config import ConfigError
+    from utils.rl import check_vllm
+
+    def cfg(dtype, use_vllm=True, allow=False):
+        return {"model": {"dtype": dtype}, "algorithm": {"use_vllm": use_vllm, "vllm_allow_half_precision_merge": allow}}
+
+    with pytest.raises(ConfigError, match="vllm_allow_half_precision_merge true"):
+        check_vllm(cfg("bfloat16"))
+    with pytest.raises(ConfigError, match="over a float16 base"):
+        check_vllm(cfg("float16"))
+    for allowed in (cfg("float32"), cfg("bfloat16", allow=True), cfg("bfloat16", use_vllm=False)):
+        check_vllm(allowed)  # no error

@@ -124,6 +124,7 @@ _VLLM = {
     "use_vllm": bool,
     "vllm_mode": Literal["colocate", "server"],
     "vllm_gpu_memory_utilization": float,
+    "vllm_allow_half_precision_merge": bool,
 }
 ALGORITHM_SCHEMA: dict[str, dict[str, Any]] = {
     "ppo": {

@@ -389,6 +389,22 @@ QUICK_TEST = {"training.max_steps": 2, "training.save_steps": 1, "training.loggi
 QUICK_TEST_TRAIN_PROMPTS = 8
 
 
+def check_vllm(cfg: dict) -> None:
+    """Refuse vLLM sampling from a half-precision merge of the policy unless the config opts in: TRL's weight
+    sync merges the LoRA into the base weights, and bf16(W + dW) loses every update below half a bf16 step."""
+    import torch
+
+    algo = cfg["algorithm"]
+    if not algo["use_vllm"] or algo["vllm_allow_half_precision_merge"]:
+        return
+    dtype = modeling.resolve_dtype(cfg["model"]["dtype"] or "auto")
+    if dtype in (torch.bfloat16, torch.float16):
+        raise config_lib.ConfigError(
+            f"--algorithm.use_vllm true over a {str(dtype).replace('torch.', '')} base (model.dtype): vLLM would "
+            f"sample from the LoRA merged into rounded half-precision weights, which erases small updates; use "
+            f"--model.dtype float32, or accept the rounding with --algorithm.vllm_allow_half_precision_merge true")
+
+
 def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | None = None) -> dict:
     """One GRPO/RLOO run: data, policy, callbacks, training, checkpoints, manifest.
 
@@ -397,6 +413,7 @@ def run(module: str, cfg: dict, args, build_trainer, sample_log: SampleLog | Non
     (model, reward_funcs, train_dataset, processing_class, callbacks). Returns the manifest metrics.
     """
     method = cfg["algorithm"]["name"]
+    check_vllm(cfg)
     state = training.process_state()  # first: every process then loads its model onto its own device
     say = print if state.is_main_process else (lambda *_, **__: None)  # one process reports, one writes
     say(config_lib.dump(cfg))
