@@ -105,3 +105,15 @@ def test_ppo_quick_test_with_two_cpu_processes(ppo_inputs, tmp_path):  # noqa: F
     assert all(entry["completions/mean_length"] > 0 for entry in updates)
     assert (out / "ckpt_ppo" / "final" / "value_head.pt").is_file()
     assert (out / "val_generations" / "step_2.jsonl").is_file()
+
+
+def test_zero3_is_refused_in_one_line(monkeypatch):
+    from utils import training
+    from utils.cli import UsageError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(UsageError, match="ZeRO-3 is not supported.*deepspeed_zero2.yaml"):
+        training.process_state()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert training.process_state().num_processes == 1   # ZeRO-2 keeps the weights whole: allowed

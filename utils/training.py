@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from utils import config as config_lib
 from utils import modeling, runs
-from utils.cli import JobFailed
+from utils.cli import JobFailed, UsageError
 from utils.rewards import RewardSpec, load_spec, score
 
 VALIDATION_FILE = "validation.json"  # in a checkpoint folder: the validation of that step
@@ -148,9 +148,17 @@ def process_state():
     """This process's accelerate state. Every trainer creates it before it loads a model: under
     `accelerate launch` it joins the processes and gives each its own device (cuda:<local rank>);
     without a GPU cpu=True makes the processes join over gloo (as the trainers' use_cpu does),
-    where without it each would take itself for the only, main, process."""
+    where without it each would take itself for the only, main, process.
+
+    DeepSpeed ZeRO-3 is refused here, in one line: it shards the weights themselves, so the
+    main-process-only validation (generate) would wait forever on the other ranks' all-gathers,
+    and the main-process-only checkpoint would save empty adapter shards."""
     from accelerate import PartialState
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise UsageError("DeepSpeed ZeRO-3 is not supported by these trainers (validation and checkpoints run on "
+                         "the main process, which ZeRO-3's sharded weights do not allow): launch with "
+                         "configs/accelerate/deepspeed_zero2.yaml or multi_gpu_ddp.yaml")
     return PartialState(cpu=not torch.cuda.is_available())
 
 
