@@ -186,10 +186,7 @@ def holdout_metrics(trainer, holdout: list[dict], beta: float, batch_size: int) 
 # --- main ---
 def main(args, extra_tokens=()) -> dict:
     cfg = config_lib.from_args(args, extra_tokens, QUICK_TEST)
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())  # as rl.prepare_run_folder and the trainer
+    state = training.process_state()  # first: every process then loads its model onto its own device
     seed, root = cfg["training"]["seed"], Path(cfg["paths"]["output_root"])
     folder = rl.output_folder(args, cfg, MODULE)
     ckpt_dir, trainer_dir = folder / f"ckpt_{METHOD}", folder / "trainer"

@@ -89,7 +89,7 @@ def sft_base_dtype(cfg: dict, device: str | None = None) -> torch.dtype:
     master weights the optimizer updates, and autocast computes in the config's dtype."""
     if not cfg["lora"]["enabled"]:
         return torch.float32
-    return modeling.resolve_dtype(cfg["model"]["dtype"], device or modeling.default_device())
+    return modeling.resolve_dtype(cfg["model"]["dtype"], device)  # None: this process's device
 
 
 def training_arguments(cfg: dict, output_dir, eval_steps: int | None = None) -> dict:
