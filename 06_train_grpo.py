@@ -43,7 +43,9 @@ def build_trainer(cfg: dict, trainer_args: dict, inputs: dict, folder):
         scale_rewards=algo["scale_rewards"],    # divide advantages by the group's reward std, or not
         num_iterations=algo["num_iterations"],  # updates per generation batch (1: on-policy)
     )
-    return GRPOTrainer(args=grpo_config, **inputs)
+    # one forward per distinct prompt, not per completion (utils.rl.shared_prompt_logps)
+    trainer_class = type("SharedPromptGRPOTrainer", (rl.SharedPromptForward, GRPOTrainer), {})
+    return trainer_class(args=grpo_config, **inputs)
 
 
 def parse_args(argv=None):

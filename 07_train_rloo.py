@@ -32,7 +32,9 @@ def build_trainer(cfg: dict, trainer_args: dict, inputs: dict, folder):
         **trainer_args,
         normalize_advantages=cfg["algorithm"]["normalize_advantages"],  # LOO advantages are centred already
     )
-    return RLOOTrainer(args=rloo_config, **inputs)
+    # one forward per distinct prompt, not per completion (utils.rl.shared_prompt_logps)
+    trainer_class = type("SharedPromptRLOOTrainer", (rl.SharedPromptForward, RLOOTrainer), {})
+    return trainer_class(args=rloo_config, **inputs)
 
 
 def parse_args(argv=None):

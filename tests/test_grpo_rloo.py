@@ -232,3 +232,108 @@ def test_vllm_over_a_half_precision_base_needs_the_opt_in():
         check_vllm(cfg("float16"))
     for allowed in (cfg("float32"), cfg("bfloat16", allow=True), cfg("bfloat16", use_vllm=False)):
         check_vllm(allowed)  # no error
+
+
+# --- one forward pass per prompt -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_tiny(tmp_path_factory):
+    """The tiny model with TRL's fused head at temperature 0.8 and a random (non-zero) LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tests.fixtures.tiny_model import build_tiny_model
+    from utils.modeling import load_model
+
+    torch.manual_seed(0)
+    model = load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")), dtype=torch.float32)
+    add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+    return get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def grouped_rows(vocab: int, prompt_len=12, completion_len=6):
+    """Six rows of two prompts (the second left-padded by 4), interleaved as TRL's shuffle leaves them, and
+    their completions (the third padded after 4 tokens): (input_ids, attention_mask, completion_mask)."""
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, vocab, (2, prompt_len), generator=generator)
+    prompt_mask = torch.ones(2, prompt_len, dtype=torch.long)
+    prompts[1, :4], prompt_mask[1, :4] = 0, 0
+    order = torch.tensor([0, 1, 1, 0, 0, 1])
+    completions = torch.randint(3, vocab, (6, completion_len), generator=generator)
+    completion_mask = torch.ones(6, completion_len, dtype=torch.long)
+    completion_mask[2, 4:] = 0
+    return (torch.cat([prompts[order], completions], 1), torch.cat([prompt_mask[order], completion_mask], 1),
+            completion_mask)
+
+
+def test_shared_prompt_logps_equal_one_pass_per_row_with_their_gradients(lora_tiny):
+    from utils.rl import shared_prompt_logps
+
+    ids, mask, completion_mask = grouped_rows(lora_tiny.config.vocab_size)
+    keep = completion_mask.size(1)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-keep] = -100
+    results = []
+    for logps in (lambda: lora_tiny(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True),
+                  lambda: shared_prompt_logps(lora_tiny, ids, mask, keep, compute_entropy=True)):
+        out = logps()
+        logp, entropy = (out.log_probs[:, -keep:], out.entropy[:, -keep:]) if hasattr(out, "log_probs") else out
+        lora_tiny.zero_grad()
+        (logp * completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in lora_tiny.named_parameters() if p.requires_grad}
+        results.append((logp.detach(), entropy.detach(), grads))
+    (row_logp, row_entropy, row_grads), (shared_logp, shared_entropy, shared_grads) = results
+    real = completion_mask.bool()
+    assert torch.allclose(shared_logp[real], row_logp[real], atol=1e-5)
+    assert torch.allclose(shared_entropy[real], row_entropy[real], atol=1e-5)
+    assert row_logp[real].abs().min() > 1e-3  # real log-probs, not zeros that agree trivially
+    for name, grad in row_grads.items():
+        assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    distinct = torch.tensor([0, 1])  # no two rows share a prompt: nothing to share, TRL's pass instead
+    assert shared_prompt_logps(lora_tiny, ids[distinct], mask[distinct], keep) is None
+
+
+def test_shared_prompt_generation_samples_what_generate_samples(lora_tiny):
+    from utils.rl import shared_prompt_generation
+
+    ids, mask, _ = grouped_rows(lora_tiny.config.vocab_size)
+    ids, mask = ids[:, :12], mask[:, :12]  # the prompts
+    for sample in (False, True):
+        options = dict(max_new_tokens=8, do_sample=sample, top_k=0, pad_token_id=0, eos_token_id=None)
+        options.update(temperature=0.8) if sample else None
+        torch.manual_seed(3)
+        plain = lora_tiny.generate(input_ids=ids, attention_mask=mask, **options)
+        with shared_prompt_generation(lora_tiny):
+            assert "generate" in vars(lora_tiny)
+            torch.manual_seed(3)
+            shared = lora_tiny.generate(input_ids=ids, attention_mask=mask, **options)
+        assert torch.equal(shared, plain), "sampled" if sample else "greedy"
+    assert "generate" not in vars(lora_tiny)  # the class's generate again
+
+
+def test_shared_prompt_trainer_falls_back_to_trl_only_where_nothing_is_shared(lora_tiny):
+    import contextlib
+
+    from utils.rl import SharedPromptForward
+
+    class TRLPass:  # stands in for GRPOTrainer / RLOOTrainer: records the calls that reach TRL's own pass
+        calls = []
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+            self.calls.append(input_ids.size(0))
+            return torch.zeros(input_ids.size(0), args[1]), None, None
+
+    trainer = type("Trainer", (SharedPromptForward, TRLPass), {})()
+    trainer.args = SimpleNamespace(gradient_checkpointing=False)
+    trainer.accelerator = SimpleNamespace(autocast=contextlib.nullcontext)
+    ids, mask, completion_mask = grouped_rows(lora_tiny.config.vocab_size)
+    keep = completion_mask.size(1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(lora_tiny, ids, mask, keep)
+        assert TRLPass.calls == [] and logps[completion_mask.bool()].abs().min() > 0  # shared: every row scored, TRL's pass unused
+        # chunks of 2: rows (0, 1) share no prompt, (2, 3) neither, (4, 5) neither -> TRL's pass on each chunk
+        trainer._get_per_token_logps_and_entropies(lora_tiny, ids, mask, keep, batch_size=2)
+        assert TRLPass.calls == [2, 2, 2]
+        TRLPass.calls.clear()
+        trainer._get_per_token_logps_and_entropies(lora_tiny, ids, mask, keep, pixel_values=torch.zeros(1))
+        assert TRLPass.calls == [6]  # model inputs it does not handle: TRL's pass

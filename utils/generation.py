@@ -92,20 +92,38 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def shared_prefix_cache(model, input_ids, attention_mask, prefix_len: int, position_ids=None):
+    """The KV cache of every row's first `prefix_len` tokens, each distinct prefix computed once and
+    indexed out to its rows (a differentiable gather: under autograd every row's gradient flows back
+    into its prefix's single pass); None when no two rows share a prefix (nothing to save).
+    position_ids: the prefix's positions, when the pass after it will not count pads (generate)."""
+    if prefix_len < 1:
+        return None
+    prefix, prefix_mask = input_ids[:, :prefix_len], attention_mask[:, :prefix_len]
+    _, row_prefix = torch.unique(torch.cat([prefix * prefix_mask, prefix_mask], dim=1), dim=0, return_inverse=True)
+    n_prefixes, n_rows = int(row_prefix.max()) + 1, input_ids.size(0)
+    if n_prefixes == n_rows:
+        return None
+    rows = torch.arange(n_rows, device=input_ids.device)
+    first_row = torch.full((n_prefixes,), n_rows, device=input_ids.device).scatter_reduce(
+        0, row_prefix, rows, reduce="amin")
+    cache = model(input_ids=prefix[first_row], attention_mask=prefix_mask[first_row], use_cache=True, logits_to_keep=1,
+                  position_ids=None if position_ids is None else position_ids[first_row, :prefix_len]).cache
+    cache.batch_select_indices(row_prefix)  # prefix -> row
+    return cache
+
+
 def _share_prompt_cache(model, batch: dict, copies: int) -> dict:
-    """Run each prompt once and give its `copies` samples a copy of its KV cache.
+    """Each prompt's `copies` sample rows over one KV cache of the prompt.
 
     num_return_sequences repeats the prompt before the forward pass, so K candidates of a
     500-token prompt would cost K prompt passes. Here every prompt token but the last goes
     through the model once; generate() then runs only the last one, on each copy.
     """
-    mask = batch["attention_mask"][:, :-1]
+    input_ids, mask = batch["input_ids"].repeat_interleave(copies, 0), batch["attention_mask"].repeat_interleave(copies, 0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # numbered as generate() numbers left-padded rows
-    cache = model(input_ids=batch["input_ids"][:, :-1], attention_mask=mask, position_ids=positions,
-                  use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(copies)
-    return {"input_ids": batch["input_ids"].repeat_interleave(copies, 0),
-            "attention_mask": batch["attention_mask"].repeat_interleave(copies, 0), "cache": cache}
+    cache = shared_prefix_cache(model, input_ids, mask, input_ids.size(1) - 1, positions)
+    return {"input_ids": input_ids, "attention_mask": mask, "cache": cache}
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int = 8,

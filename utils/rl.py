@@ -22,12 +22,13 @@ its algorithm's own hyperparameters to trainer_arguments() and builds the TRL tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
 
 from utils import config as config_lib
-from utils import modeling, runs, training
+from utils import generation, modeling, runs, training
 from utils.data import read_processed
 from utils.rewards import trl_reward_functions
 
@@ -215,6 +216,100 @@ class SampleLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+# --- one forward pass per prompt, not per completion -------------------------------------------
+
+def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool = False):
+    """Per-token log-probs (and entropies) of the last `logits_to_keep` tokens of each row, computing
+    each distinct prompt once: the same numbers as TRL's one forward over prompt + completion.
+
+    A group's num_generations completions share their prompt, and on the ladder the prompt is ~90 %
+    of a row's tokens, so one pass per group instead of one per row cuts a step's forward and
+    backward several-fold (bench_train_step.py --rl_groups). The distinct prompts, all but their
+    last token, run once (utils.generation.shared_prefix_cache); then each row's last prompt token
+    and completion run over that cache. Positions, masks and attention are the full forward's (RoPE sees the same positions
+    0..L-1), so only float rounding differs. Needs TRL's fused head on the model (`fused_lm_head=True`:
+    log-probs at the temperature without the vocabulary-sized logits).
+
+    Returns (log_probs, entropies or None), each (rows, logits_to_keep), as TRL's
+    _get_per_token_logps_and_entropies; None when no two rows share a prompt.
+    """
+    prefix_len = input_ids.size(1) - logits_to_keep - 1
+    cache = generation.shared_prefix_cache(model, input_ids, attention_mask, prefix_len)
+    if cache is None:
+        return None
+    suffix = input_ids[:, prefix_len:]
+    labels = suffix.masked_fill(attention_mask[:, prefix_len:] == 0, -100)
+    outputs = model(input_ids=suffix, attention_mask=attention_mask, cache=cache, labels=labels, fused_lm_head=True)
+    return outputs.log_probs[:, -logits_to_keep:], outputs.entropy[:, -logits_to_keep:] if compute_entropy else None
+
+
+@contextlib.contextmanager
+def shared_prompt_generation(model):
+    """Inside it, model.generate prefills each distinct prompt once: TRL repeats every prompt
+    num_generations times in the batch it samples, and the prefill of those copies was most of a
+    step's sampling time. The prompts but their last token run once into a cache (at the positions
+    generate gives them: pads not counted), which generate then continues row by row; the samples
+    are those of the plain call up to float rounding."""
+    import torch
+
+    generate, own = model.generate, vars(model).get("generate")
+
+    def generate_from_shared_prefill(input_ids=None, attention_mask=None, **kwargs):
+        if input_ids is not None and attention_mask is not None and not {"cache", "past_key_values"} & set(kwargs):
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            with torch.no_grad():
+                cache = generation.shared_prefix_cache(model, input_ids, attention_mask, input_ids.size(1) - 1,
+                                                       positions)
+            if cache is not None:
+                kwargs["cache"] = cache
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.generate = generate_from_shared_prefill
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.generate  # the class's method again
+        else:
+            model.generate = own
+
+
+class SharedPromptForward:
+    """Mixin for TRL's GRPOTrainer and RLOOTrainer (class GRPO(SharedPromptForward, GRPOTrainer)):
+    their log-probs of the policy, the reference and the old policy through shared_prompt_logps, one
+    pass per distinct prompt in each chunk. TRL's own pass where it does not apply: images and other
+    model inputs, gradient checkpointing (which turns the cache off), rows that share no prompt.
+    TRL returns the MoE aux loss only on request; that request also takes TRL's pass. Sampling with
+    transformers prefills each distinct prompt once too (shared_prompt_generation)."""
+
+    def _generate_single_turn(self, *args, **kwargs):
+        with shared_prompt_generation(self.model):
+            return super()._generate_single_turn(*args, **kwargs)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **model_inputs):
+        import torch
+
+        unsupported = compute_aux_loss or any(v is not None for v in model_inputs.values()) or (
+            model.training and self.args.gradient_checkpointing)
+        if unsupported:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **model_inputs)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            with self.accelerator.autocast():
+                chunk = shared_prompt_logps(model, ids, mask, logits_to_keep, compute_entropy)
+            if chunk is None:  # no two rows of this chunk share a prompt: one pass over the rows
+                chunk = super()._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep,
+                                                                   compute_entropy=compute_entropy)[:2]
+            logps.append(chunk[0])
+            entropies.append(chunk[1])
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
 
 # --- where a step's time goes ----------------------------------------------------------------

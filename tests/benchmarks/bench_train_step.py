@@ -9,6 +9,11 @@ each configuration timed over --repeats steps after one warm-up step (median), a
 seconds per step and per example, and each configuration's speed as a ratio to the first row, measured in
 one sitting. A row's "answer-only logits" computes the vocabulary projection on the answer tokens alone
 (`logits_to_keep`): the loss needs no more, but TRL's SFTTrainer computes logits for every position.
+
+--rl_groups also times the update of a GRPO/RLOO step: --rl_groups prompts x --group_size completions, the
+log-probs of the completions (TRL's fused head at temperature 0.8) forward and backward, once with TRL's one
+pass per row and once with utils.rl.shared_prompt_logps (each distinct prompt once), and checks that the two
+agree.
 """
 import argparse
 import json
@@ -32,6 +37,9 @@ def parse_args():
     parser.add_argument("--dtypes", nargs="+", default=None,
                         help="float32 and/or bfloat16 (default: float32, plus bfloat16 where the CPU has native bf16)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to compile)")
+    parser.add_argument("--rl_groups", type=int, default=0,
+                        help="also time an RL update of this many prompts' groups (default: %(default)s, off)")
+    parser.add_argument("--group_size", type=int, default=8, help="completions per prompt there (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (default: %(default)s)")
     return parser.parse_args()
 
@@ -84,6 +92,8 @@ def main(args) -> int:
                 results.append((dtype, batch_size, tuple(batch["input_ids"].shape), name, seconds))
                 print(f"{dtype:<9} batch {batch_size} {str(tuple(batch['input_ids'].shape)):<10} {name:<22} "
                       f"{seconds:6.2f} s/step {seconds / batch_size:6.2f} s/example", flush=True)
+    if args.rl_groups:
+        results += rl_update_times(args, tokenizer, rows)
     reference = results[0][4] / results[0][1]
     flags = subprocess.run("grep -o -w 'amx_bf16\\|avx512_bf16\\|avx2' /proc/cpuinfo | sort -u", shell=True,
                            capture_output=True, text=True).stdout.split()
@@ -94,6 +104,57 @@ def main(args) -> int:
     print(f"speed: examples per second relative to the first row, one sitting; CPU flags: {' '.join(flags)}; "
           f"torch threads {torch.get_num_threads()}")
     return 0
+
+
+def rl_update_times(args, tokenizer, rows) -> list[tuple]:
+    """An RL update's forward + backward of the completions' log-probs, TRL's pass per row against one pass per
+    prompt (float32); the rows are --rl_groups prompts, each with --group_size copies of its gold answer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from utils.modeling import load_model
+    from utils.rl import shared_prompt_logps
+
+    base = load_model(args.model, dtype="float32")
+    add_fused_lm_head(base, temperature=0.8, outputs=("log_probs", "entropy"))
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM", target_modules="all-linear"))
+    model.train()
+    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+               for r in rows[:args.rl_groups] for _ in range(args.group_size)]
+    answers = [r["completion"][0]["content"] + "<|im_end|>" for r in rows[:args.rl_groups] for _ in range(args.group_size)]
+    prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    answer = tokenizer(answers, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    ids = torch.cat([prompt["input_ids"], answer["input_ids"]], 1)
+    mask = torch.cat([prompt["attention_mask"], answer["attention_mask"]], 1)
+    keep = answer["input_ids"].size(1)
+
+    def per_row():
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :-keep] = -100
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        return out.log_probs[:, -keep:]
+
+    results, values = [], {}
+    n = len(prompts)
+    for name, logps in (("RL: a pass per row", per_row),
+                        ("RL: a pass per prompt", lambda: shared_prompt_logps(model, ids, mask, keep)[0])):
+        times = []
+        for step in range(args.repeats + 1):
+            started = time.perf_counter()
+            values[name] = logps()
+            (values[name] * answer["attention_mask"]).sum().backward()
+            model.zero_grad(set_to_none=True)
+            if step:
+                times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)
+        results.append(("float32", n, tuple(ids.shape), name, seconds))
+        print(f"float32   batch {n} {str(tuple(ids.shape)):<10} {name:<22} {seconds:6.2f} s/step "
+              f"{seconds / n:6.2f} s/example", flush=True)
+    first, second = values.values()
+    gap = ((first - second).abs() * answer["attention_mask"]).max().item()
+    print(f"the two passes' log-probs differ by at most {gap:.2e} nats")
+    return results
 
 
 if __name__ == "__main__":
