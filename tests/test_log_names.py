@@ -118,7 +118,7 @@ def test_training_log_writes_tensorboard_events_once(tmp_path):
 def test_training_log_records_each_entrys_peak_memory(tmp_path):
     """Each new training entry gets the process's peak resident memory since the previous one: an array
     allocated (and freed) between two writes shows in the second entry's peak only, and the run's peak
-    (what the manifests report) is the largest."""
+    (what the manifests report) is the largest, a resumed run's restored entries included."""
     import numpy as np
 
     from utils.training import TrainingLog
@@ -135,3 +135,8 @@ def test_training_log_records_each_entrys_peak_memory(tmp_path):
     assert "peak_rss_gb" not in history[1]                           # validation entries get none
     assert second >= first + 0.25 and second >= third + 0.25          # the block shows where it was held
     assert log.peak_rss_gb == second
+    # a resumed run (a new process, its restored history) reports the peak of the whole training,
+    # which here was before the resume, as its manifest's peak_rss_gb
+    resumed = TrainingLog(tmp_path / "training_log.json", logged=len(written))
+    resumed.write([*written, {"step": 4, "loss": 0.2}])
+    assert resumed.peak_rss_gb == second

@@ -184,3 +184,28 @@ def test_each_process_takes_its_own_device_and_the_config_dtype(monkeypatch):
     assert training.sft_base_dtype({**cfg, "lora": {"enabled": False}}) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modeling.default_device() == "cpu"
+
+
+def test_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_log_probs(tiny, monkeypatch):
+    """TRL's fused head on a CPU: the compact projection (labelled positions only) once the trainers' process
+    state exists, and the log-probs it returns are those of the projection over every position."""
+    import trl.trainer.utils as fused_head
+    from trl.trainer.utils import add_fused_lm_head
+
+    from utils import training
+
+    monkeypatch.setattr(fused_head, "_use_triton", lambda device: False)  # TRL's choice off CUDA: every position
+    model = load_model(str(tiny["llama"]), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = -100  # the prompt: no labels
+    with torch.no_grad():
+        every_position = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        training.process_state()
+        training.fused_head_scores_labels_only()  # again: still one wrapper over TRL's choice
+        assert fused_head._use_triton(torch.device("cpu")) and not fused_head._use_triton(torch.device("cuda"))
+        labelled_only = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert torch.allclose(labelled_only.log_probs, every_position.log_probs, atol=1e-5)
+    assert torch.allclose(labelled_only.entropy, every_position.entropy, atol=1e-5)
+    assert (labelled_only.log_probs[:, 5:] != 0).all() and (labelled_only.log_probs[:, :5] == 0).all()

@@ -152,14 +152,38 @@ def process_state():
 
     DeepSpeed ZeRO-3 is refused here, in one line: it shards the weights themselves, so the
     main-process-only validation (generate) would wait forever on the other ranks' all-gathers,
-    and the main-process-only checkpoint would save empty adapter shards."""
+    and the main-process-only checkpoint would save empty adapter shards.
+
+    Also makes TRL's fused LM head score only the labelled positions on a CPU
+    (fused_head_scores_labels_only)."""
     from accelerate import PartialState
+
+    fused_head_scores_labels_only()
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise UsageError("DeepSpeed ZeRO-3 is not supported by these trainers (validation and checkpoints run on "
                          "the main process, which ZeRO-3's sharded weights do not allow): launch with "
                          "configs/accelerate/deepspeed_zero2.yaml or multi_gpu_ddp.yaml")
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def fused_head_scores_labels_only() -> None:
+    """TRL's fused LM head (SFT, GRPO, RLOO, DPO) projects onto the vocabulary only the positions with a
+    label on CUDA and XPU, but every position elsewhere, so that Neuron's compiler sees fixed tile shapes.
+    A CPU compiles nothing, and there the projection of the prompt's positions, whose labels are masked,
+    is a third of an SFT step's time (bench_train_step.py: 1.6x with answer-only logits). Its kernels are
+    still chosen by device (trl.kernels.chunked_logprob), so a CPU keeps its torch code path."""
+    import trl.trainer.utils as fused_head
+
+    choose = fused_head._use_triton  # TRL's choice of the compact (labelled positions only) projection
+    if getattr(choose, "labels_only_on_cpu", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or choose(device)
+
+    compact.labels_only_on_cpu = True
+    fused_head._use_triton = compact
 
 
 def prepare_folder(folder: Path, outputs, resume: str | None, last_checkpoint=None) -> str | None:
@@ -517,8 +541,10 @@ class TrainingLog:
         self.path = Path(path)
         self.logged = logged
         self.events = None
-        self.peak_rss_gb: float | None = None  # the largest peak_rss_gb logged by this process
-        self.peak_gpu_gb: float | None = None  # likewise peak_gpu_gb (None without CUDA)
+        # the largest peak_rss_gb / peak_gpu_gb in the log, a resumed run's restored entries included,
+        # so the manifest of a resumed run reports the peak of the whole training (None if never logged)
+        self.peak_rss_gb: float | None = None
+        self.peak_gpu_gb: float | None = None
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -531,10 +557,11 @@ class TrainingLog:
         for entry in history[self.logged:]:  # training entries new since the last write
             if "loss" in entry and "peak_rss_gb" not in entry:
                 entry["peak_rss_gb"] = peak_rss_gb()
-                self.peak_rss_gb = max(self.peak_rss_gb or 0.0, entry["peak_rss_gb"] or 0.0) or None
                 if (gpu := peak_gpu_gb()) is not None:
                     entry["peak_gpu_gb"] = gpu
-                    self.peak_gpu_gb = max(self.peak_gpu_gb or 0.0, gpu)
+        for key in ("peak_rss_gb", "peak_gpu_gb"):
+            peaks = [entry[key] for entry in history if entry.get(key) is not None]
+            setattr(self, key, max(peaks) if peaks else None)
         history = [{k: _finite_or_none(v) for k, v in entry.items()} for entry in history]
         runs.atomic_write_json(self.path, {"log_history": history})
         if self.events is not None:
@@ -574,12 +601,12 @@ class JsonLogCallback(TrainerCallback):
 
     @property
     def peak_rss_gb(self) -> float | None:
-        """The largest per-log peak resident memory (GB) of this process's run."""
+        """The largest per-log peak resident memory (GB) in the run's log (restored entries included)."""
         return self.log.peak_rss_gb if self.log else None
 
     @property
     def peak_gpu_gb(self) -> float | None:
-        """The largest per-log peak GPU memory (GB) of this process's run; None without CUDA."""
+        """The largest per-log peak GPU memory (GB) in the run's log; None without CUDA."""
         return self.log.peak_gpu_gb if self.log else None
 
     @property
