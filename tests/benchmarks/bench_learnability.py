@@ -72,10 +72,13 @@ CANDIDATES = 4  # DPO: 04's candidates per train prompt
 HOLDOUT_CANDIDATES, HOLDOUT_PAIRS_PER_PROMPT = 8, 4  # DPO's held-out pairs: 8 samples of a val prompt, <= 4 pairs
 SAMPLE = {"temperature": 0.8, "top_p": 1.0}  # the training temperature of GRPO, RLOO and PPO
 FINQA_RAW = "datasets/finqa"  # the FinQA sample (bash download.sh --from ../shared/data/finqa-sample)
+ONE_MICRO_BATCH = ["--training.per_device_train_batch_size", 16, "--training.gradient_accumulation_steps", 1]
 TASKS = {  # per-task defaults (the flags of the same names override them) and the flags of its stages
     "format": {"sft_steps": 12, "completions": 128, "eval_split": "val", "eval_examples": 100, "rl_seeds": None,
                "flags": [], "rl_flags": []},
-    "ladder": {"sft_steps": 100, "completions": 256, "eval_split": "test", "eval_examples": 200, "rl_seeds": [1, 2, 3],
+    # ladder: 768 completions, 48 GRPO/RLOO steps of ~25 s (each prompt's forward run once for its group): at 256
+    # (16 steps) GRPO's sampled exec_acc moved -0.006 [-0.037, +0.025], a format-sized budget
+    "ladder": {"sft_steps": 100, "completions": 768, "eval_split": "test", "eval_examples": 200, "rl_seeds": [1, 2, 3],
                # one-step answers take about 30 tokens: 64 leaves room and stops a rambling sample (and the batch
                # waiting on it) early, in training and evaluation alike
                "flags": ["--generation.max_new_tokens", 64, "--validation.max_new_tokens", 64],
@@ -87,14 +90,16 @@ TASKS = {  # per-task defaults (the flags of the same names override them) and t
                # keep DPO's steps (~30) where the format task's were, inside the time budget.
                # GRPO and RLOO: groups of 8 (2 prompts x 8 per step, the same 16 completions). The start's
                # per-prompt accuracy is bimodal (pass@4 0.55 vs mean@4 0.32), so in groups of 4 two thirds
-               # of the groups held one reward only (frac_reward_zero_std 0.66) and gave no gradient
+               # of the groups held one reward only (frac_reward_zero_std 0.66) and gave no gradient. The 16 in one
+               # micro-batch: both prompts' forward passes then run once each (utils.rl.shared_prompt_logps),
+               # 9x faster than four micro-batches of 4 rows (bench_train_step.py --rl_groups 2)
                "pairs_per_prompt": 2, "method_flags": {"dpo": ["--epochs", 1, "--max_steps", -1],
-                                                       "grpo": ["--algorithm.num_generations", 8],
-                                                       "rloo": ["--algorithm.num_generations", 8]}},
+                                                       "grpo": ["--algorithm.num_generations", 8, *ONE_MICRO_BATCH],
+                                                       "rloo": ["--algorithm.num_generations", 8, *ONE_MICRO_BATCH]}},
 }
 LADDER_EXAMPLES = 2500  # 2000 train, 250 val, 250 test (80/10/10)
-SETUP_KEYS = ("task", "levels", "seed", "config", "data_root", "sft_steps", "completions", "eval_examples",
-              "num_samples", "holdout_prompts")
+START_KEYS = ("task", "levels", "seed", "config", "data_root", "sft_steps", "eval_examples", "num_samples",
+              "holdout_prompts")  # what the start and its evaluation depend on; a cell also on --completions
 
 
 def parse_args(argv=None):
@@ -117,7 +122,8 @@ def parse_args(argv=None):
     parser.add_argument("--sft_steps", type=int, default=None,
                         help="SFT steps of 4 examples for the start (default: 12 format, 100 ladder)")
     parser.add_argument("--completions", type=int, default=None,
-                        help="sampled completions each method trains on per seed (default: 128 format, 256 ladder)")
+                        help="sampled completions each method trains on per seed (default: 128 format, 768 ladder); cells "
+                             "trained on another number are retrained")
     parser.add_argument("--eval_examples", type=int, default=None,
                         help="held-out prompts scored (default: 100 val prompts format, 200 test prompts ladder)")
     parser.add_argument("--num_samples", type=int, default=4,
@@ -493,7 +499,8 @@ def report(run_dir: Path) -> None:
                  "KL <= target on every seed" if ladder else
                  "PASS (per cell): sampled reward's paired 95% CI above 0, sampled format up, KL <= target")
     print(f"\n{criterion}; KL: nats per completion, last training log entry, target {target:g} (ppo.yaml's "
-          f"target_kl).\nFair by construction: one SFT start for every method and seed; {setup['completions']} "
+          f"target_kl).\nFair by construction: one SFT start for every method and seed; "
+          f"{' or '.join(str(n) for n in sorted({r.get('completions', setup.get('completions')) for r in rows})) or '-'} "
           f"sampled completions per cell (DPO: pairs from as many candidates); every sampler at temperature "
           f"{SAMPLE['temperature']}, top_p {SAMPLE['top_p']}; the same evaluation (greedy + {setup['num_samples']} "
           f"samples per prompt at that temperature). KL treatment: "
@@ -511,10 +518,10 @@ def main(args) -> int:
         report(ROOT / "outputs" / args.report)
         return 0
     start = Start(args)
-    setup = {key: getattr(args, key) for key in SETUP_KEYS}
+    setup = {key: getattr(args, key) for key in START_KEYS}
     summary_path = start.dir / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None
-    if summary is None or summary["setup"] != setup or not start.sft.is_dir():
+    if summary is None or {k: summary["setup"].get(k) for k in START_KEYS} != setup or not start.sft.is_dir():
         import time
 
         began = time.monotonic()
@@ -530,8 +537,12 @@ def main(args) -> int:
     for method in args.methods:
         for seed in args.rl_seeds:
             name = f"{method}_seed{seed}"
-            if name in summary["cells"] and not args.rerun:
+            done = summary["cells"].get(name)
+            if done and done.get("completions", summary["setup"].get("completions")) == args.completions \
+                    and not args.rerun:
                 continue
+            if done:  # another budget: kept beside the new cell, out of the tables
+                summary.setdefault("superseded", []).append(done)
             train_s = train(method, args, start, seed)
             cell_dir = start.cell(method, seed)[0]
             module = METHOD_STAGES[method][0]
@@ -539,7 +550,8 @@ def main(args) -> int:
             end = evaluate(name, final, start.dir, start.common, start.eval_jsonl, args.eval_examples,
                            args.num_samples, **SAMPLE, extra=start.flags)
             manifest = read_json(cell_dir / module / "manifest.json")["metrics"]
-            row = {"method": method, "seed": seed, "policy": name, "learning_rate": LEARNING_RATES[method],
+            row = {"method": method, "seed": seed, "policy": name, "completions": args.completions,
+                   "learning_rate": LEARNING_RATES[method],
                    "flags": [str(f) for f in method_flags(args, method)], "train_s": round(train_s, 1), "end": end,
                    "change": paired_change(start.dir, "start", name, args.seed), "kl": final_kl(cell_dir, method),
                    "peak_rss_gb": manifest.get("peak_rss_gb")}
