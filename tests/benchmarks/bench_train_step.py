@@ -8,7 +8,9 @@ The same LoRA (the default config's r 16 on every linear layer) as 03, on train 
 each configuration timed over --repeats steps after one warm-up step (median), alone on the cores. Printed:
 seconds per step and per example, and each configuration's speed as a ratio to the first row, measured in
 one sitting. A row's "answer-only logits" computes the vocabulary projection on the answer tokens alone
-(`logits_to_keep`): the loss needs no more, but TRL's SFTTrainer computes logits for every position.
+(`logits_to_keep`): the loss needs no more. TRL's trainers compute the loss with their fused LM head; the two
+"fused head" rows time it as TRL runs it off CUDA (every position projected) and as the trainers here run
+it (labelled positions only: utils.training.fused_head_scores_labels_only).
 
 --rl_groups also times the update of a GRPO/RLOO step: --rl_groups prompts x --group_size completions, the
 log-probs of the completions (TRL's fused head at temperature 0.8) forward and backward, once with TRL's one
@@ -46,9 +48,12 @@ def parse_args():
 
 def main(args) -> int:
     import torch
+    import trl.trainer.utils as fused_head
     from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
 
     from utils.modeling import load_model, load_tokenizer
+    from utils.training import fused_head_scores_labels_only
 
     if args.dtypes is None:
         args.dtypes = ["float32"] + (["bfloat16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
@@ -57,11 +62,13 @@ def main(args) -> int:
     results = []
     for dtype in args.dtypes:
         base = load_model(args.model, dtype="float32")
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # as TRL's SFTTrainer adds it
         model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                 "up_proj", "down_proj"]))
         model.train()
-        variants = [("full logits", model, False), ("answer-only logits", model, True)]
+        variants = [("full logits", model, False), ("answer-only logits", model, True),
+                    ("fused head, every pos.", model, "every"), ("fused head, labelled", model, "labelled")]
         if args.compile:
             variants.append(("compiled, answer-only", torch.compile(model), True))
         for batch_size in args.batch_sizes:
@@ -76,14 +83,20 @@ def main(args) -> int:
                 for step in range(args.repeats + 1):
                     started = time.perf_counter()
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                        if answer_only:
-                            logits = net(**batch, logits_to_keep=answer + 1).logits[:, :-1].float()
-                            target = labels[:, -answer:]
+                        if answer_only in ("every", "labelled"):
+                            with patched(fused_head, "_use_triton", trl_choice if answer_only == "every" else None):
+                                if answer_only == "labelled":
+                                    fused_head_scores_labels_only()
+                                loss = net(**batch, labels=labels, fused_lm_head=True).loss
                         else:
-                            logits = net(**batch).logits[:, :-1].float()
-                            target = labels[:, 1:]
-                        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 target.reshape(-1), ignore_index=-100)
+                            if answer_only:
+                                logits = net(**batch, logits_to_keep=answer + 1).logits[:, :-1].float()
+                                target = labels[:, -answer:]
+                            else:
+                                logits = net(**batch).logits[:, :-1].float()
+                                target = labels[:, 1:]
+                            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                     target.reshape(-1), ignore_index=-100)
                     loss.backward()
                     model.zero_grad(set_to_none=True)
                     if step:  # the first step warms up caches (and compiles)
@@ -104,6 +117,27 @@ def main(args) -> int:
     print(f"speed: examples per second relative to the first row, one sitting; CPU flags: {' '.join(flags)}; "
           f"torch threads {torch.get_num_threads()}")
     return 0
+
+
+def patched(module, name: str, value):
+    """A context in which module.name is value (None: whatever code inside sets it), restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        original = getattr(module, name)
+        if value is not None:
+            setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+    return scope()
+
+
+def trl_choice(device) -> bool:
+    """TRL's compact-projection choice as it ships: CUDA and XPU only."""
+    return device.type in ("cuda", "xpu")
 
 
 def rl_update_times(args, tokenizer, rows) -> list[tuple]:
