@@ -17,7 +17,7 @@ Two tasks, one loop:
    Criterion per cell: sampled reward's paired CI above 0, sampled format up, KL within the target.
 
 From the start every method trains on the same number of sampled completions (--completions; GRPO and
-RLOO 16 per step, 4 prompts x 4; PPO 8 per iteration; DPO on the pairs 08 builds from completions / 4
+RLOO 16 per step, 4 prompts x 4, on the ladder 2 prompts x 8 in one micro-batch; PPO 8 per iteration; DPO on the pairs 08 builds from completions / 4
 train prompts x 4 candidates of 04), for each RL seed (--rl_seeds) from the one SFT start (--seed), so
 the spread over seeds is the method's own. All sample at the same temperature (0.8, top_p 1.0), and are
 scored by the same 10_evaluate.py run: greedy, and --num_samples 4 samples per prompt at that
