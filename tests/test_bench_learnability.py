@@ -90,7 +90,7 @@ def test_holdout_pref_ci_resamples_prompts(tmp_path):
 def test_task_defaults_and_overrides():
     ladder = bench.parse_args(["--task", "ladder"])
     assert (ladder.seed, ladder.rl_seeds, ladder.sft_steps, ladder.completions, ladder.eval_examples) == \
-        (0, [1, 2, 3], 100, 256, 200)
+        (0, [1, 2, 3], 100, 768, 200)
     assert ladder.run_id == "ladder_l1" and ladder.levels == [1]
     legacy = bench.parse_args([])
     assert (legacy.task, legacy.seed, legacy.rl_seeds, legacy.run_id, legacy.sft_steps) == ("format", 1, [1], "learn_s1", 12)
