@@ -48,6 +48,8 @@ def parse_args():
 
 def main(args) -> int:
     import torch
+    from unittest import mock
+
     import trl.trainer.utils as fused_head
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -55,6 +57,7 @@ def main(args) -> int:
     from utils.modeling import load_model, load_tokenizer
     from utils.training import fused_head_scores_labels_only
 
+    trl_choice = fused_head._use_triton  # TRL's compact-projection choice, before anything wraps it
     if args.dtypes is None:
         args.dtypes = ["float32"] + (["bfloat16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
     tokenizer = load_tokenizer(args.model)
@@ -84,7 +87,9 @@ def main(args) -> int:
                     started = time.perf_counter()
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                         if answer_only in ("every", "labelled"):
-                            with patched(fused_head, "_use_triton", trl_choice if answer_only == "every" else None):
+                            # "every": TRL's own choice as it ships (compact on CUDA/XPU only); "labelled": the
+                            # trainers' wrapper, installed inside the patch so the next variant sees TRL's again
+                            with mock.patch.object(fused_head, "_use_triton", trl_choice):
                                 if answer_only == "labelled":
                                     fused_head_scores_labels_only()
                                 loss = net(**batch, labels=labels, fused_lm_head=True).loss
@@ -117,27 +122,6 @@ def main(args) -> int:
     print(f"speed: examples per second relative to the first row, one sitting; CPU flags: {' '.join(flags)}; "
           f"torch threads {torch.get_num_threads()}")
     return 0
-
-
-def patched(module, name: str, value):
-    """A context in which module.name is value (None: whatever code inside sets it), restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        original = getattr(module, name)
-        if value is not None:
-            setattr(module, name, value)
-        try:
-            yield
-        finally:
-            setattr(module, name, original)
-    return scope()
-
-
-def trl_choice(device) -> bool:
-    """TRL's compact-projection choice as it ships: CUDA and XPU only."""
-    return device.type in ("cuda", "xpu")
 
 
 def rl_update_times(args, tokenizer, rows) -> list[tuple]:
