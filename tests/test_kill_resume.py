@@ -90,6 +90,25 @@ def resumed_stages(output: bytes) -> set[str]:
             if b"resuming from " in section}
 
 
+def wait_until_group_ended(group: int, timeout: float = 60.0) -> None:
+    """Until every process of the group has exited (gone, or a zombie that init has yet to reap), as after a
+    pre-emption: SIGKILL is delivered at once, but a process caught in a system call ends a little later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()   # state, ppid, pgrp, ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+                running.append(stat.parent.name)
+        if not running:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes {running} of the killed group {group} still run after {timeout} s")
+
+
 def kill_at(command, stage: str, marker: bytes, occurrence: int, delay: float) -> bytes:
     """Run the command until `marker` has appeared `occurrence` times in `stage`'s output, wait `delay` s,
     SIGKILL the driver and the stage (one process group). Returns the output; fails if the marker never came."""
@@ -110,6 +129,7 @@ def kill_at(command, stage: str, marker: bytes, occurrence: int, delay: float) -
                     break
         assert proc.wait(timeout=60) == -signal.SIGKILL, (
             f"the run ended before {stage} printed {marker!r}:\n" + output[-3000:].decode(errors="replace"))
+        wait_until_group_ended(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

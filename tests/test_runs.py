@@ -7,6 +7,7 @@ import os
 import platform
 import random
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +256,31 @@ def test_a_live_writer_keeps_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_p
     runs._release(tmp_path / "run" / runs.LOCK_FILE)
     assert not (tmp_path / "run" / runs.LOCK_FILE).exists()
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]   # no staging file left
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="zombies are told apart through /proc")
+def test_a_killed_writer_not_yet_reaped_is_dead(tmp_path, monkeypatch):
+    """A SIGKILLed stage whose parent died too waits as a zombie until init reaps it; a rerun must not wait."""
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setattr(runs, "_held_locks", set())
+    holder = hold_lock(tmp_path / "run")
+    holder.kill()
+    try:
+        for _ in range(100):  # not reaped (no wait yet): a zombie that signalling still finds
+            if Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        os.kill(holder.pid, 0)
+        runs.lock_folder(tmp_path / "run")                           # taken over, not "being written by"
+        assert json.loads((tmp_path / "run" / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        holder.wait()
+    runs._release(tmp_path / "run" / runs.LOCK_FILE)
+    assert runs._alive({"pid": os.getpid(), "host": platform.node()})      # a running one is alive
+    assert runs._alive({"pid": holder.pid, "host": "elsewhere"})                  # another host: cannot tell
 
 
 def test_a_second_driver_on_a_live_run_stops_in_one_line(tmp_path):

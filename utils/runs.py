@@ -282,16 +282,24 @@ def _lock_holder(path: Path) -> dict | None:
 
 
 def _alive(holder: dict) -> bool:
-    """Whether the lock's process still runs. On another host it cannot be told: taken as alive."""
+    """Whether the lock's process still runs. On another host it cannot be told: taken as alive.
+
+    A killed process stays in the process table as a zombie until its parent (for an orphan: init, on its
+    own schedule) reaps it, and signalling a zombie succeeds: its state in /proc says it has ended."""
     if holder.get("host") != platform.node():
         return True
     try:
-        os.kill(int(holder["pid"]), 0)
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (OSError, KeyError, TypeError, ValueError):  # not ours to signal (it runs), or a malformed lock
         return True
-    return True
+    try:  # /proc/<pid>/stat: "pid (command) state ...", the command may hold spaces and parentheses
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS) or the process ended in between
+        return not Path("/proc").is_dir()
+    return state not in ("Z", "X")
 
 
 def _release(path: Path) -> None:
